@@ -1,0 +1,37 @@
+"""Prometheus metrics, registered once per process on the default registry (which vLLM's /metrics exports).
+
+Label ``store`` is the backend kind (memory, disk, redis, redis-cluster, tiered) or a name given in config.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+HITS = Counter("kvplug_store_hits", "Keys found by get_many/contains", ["store"])
+MISSES = Counter("kvplug_store_misses", "Keys not found (or unreadable) by get_many", ["store"])
+READ_BYTES = Counter("kvplug_store_read_bytes", "Payload bytes returned by get_many", ["store"])
+WRITTEN_BYTES = Counter("kvplug_store_written_bytes", "Payload bytes accepted by put_many", ["store"])
+PUTS = Counter("kvplug_store_puts", "Entries written", ["store"])
+LATENCY = Histogram("kvplug_store_op_seconds", "Store operation latency", ["store", "op"], buckets=_LATENCY_BUCKETS)
+ERRORS = Counter("kvplug_store_errors", "Store errors turned into misses or dropped writes", ["store", "kind"])
+EVICTIONS = Counter("kvplug_store_evictions", "Entries evicted to honour a byte cap", ["store"])
+QUEUE_DROPS = Counter("kvplug_store_queue_drops", "Write-backs dropped because the queue was full", ["store"])
+USED_BYTES = Gauge("kvplug_store_used_bytes", "Bytes held by a capped store", ["store"])
+PAYLOAD_ERRORS = Counter("kvplug_payload_errors", "Stored payloads refused on decode (treated as misses)", ["kind"])
+
+__all__ = [
+    "EVICTIONS",
+    "ERRORS",
+    "HITS",
+    "LATENCY",
+    "MISSES",
+    "PAYLOAD_ERRORS",
+    "PUTS",
+    "QUEUE_DROPS",
+    "READ_BYTES",
+    "REGISTRY",
+    "USED_BYTES",
+    "WRITTEN_BYTES",
+]
