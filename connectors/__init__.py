@@ -17,12 +17,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from kvplug.config import parse_bool, parse_size
 from kvplug.connectors.base import ChunkStore, StoreStats
 from kvplug.connectors.disk import DiskStore
 from kvplug.connectors.memory import MemoryStore
 from kvplug.connectors.redis_store import RedisStore
 from kvplug.connectors.tiered import TieredStore
+
+from kvplug.config import parse_bool, parse_size
 from kvplug.errors import ConfigError
 
 _STORE_OPTS: dict[str, Callable[[str], Any]] = {"name": str}
@@ -83,10 +84,9 @@ def _credentials(netloc: str) -> dict[str, str]:
 
 def _redis(url: str, scheme: str, parts: Any, all_opts: dict[str, Any]) -> RedisStore:
     import redis
+    from kvplug.connectors.redis_store import retry_policy
     from redis.cluster import ClusterNode
     from redis.sentinel import Sentinel
-
-    from kvplug.connectors.redis_store import retry_policy
 
     store_opts = {k: v for k, v in all_opts.items() if k in _REDIS_OPTS}
     client_opts = {**REDIS_DEFAULTS, **{k: v for k, v in all_opts.items() if k in _REDIS_CLIENT_OPTS}}
@@ -105,9 +105,11 @@ def _redis(url: str, scheme: str, parts: Any, all_opts: dict[str, Any]) -> Redis
         if not path:
             raise ConfigError(f"store URL {url!r}: sentinel URLs need a service name: .../<name>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
-        sentinel = Sentinel(_hosts(url, parts.netloc, 26379),
-                            sentinel_kwargs={"password": sentinel_password} if sentinel_password else None,
-                            **{k: v for k, v in common.items() if k != "max_connections"})
+        sentinel = Sentinel(
+            _hosts(url, parts.netloc, 26379),
+            sentinel_kwargs={"password": sentinel_password} if sentinel_password else None,
+            **{k: v for k, v in common.items() if k != "max_connections"},
+        )
         client = sentinel.master_for(path[0], db=db, **_credentials(parts.netloc))
     else:  # pragma: no cover - guarded by open_store
         raise ConfigError(f"unsupported scheme {scheme}")
@@ -134,8 +136,10 @@ def open_store(url: str | Sequence[str], queue_size: int = 256, promote: bool = 
         return DiskStore(unquote(parts.path), **_options(u, parts.query, _DISK_OPTS))
     if scheme in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel"):
         return _redis(u, scheme, parts, _options(u, parts.query, {**_REDIS_OPTS, **_REDIS_CLIENT_OPTS}))
-    raise ConfigError(f"store URL {u!r}: unknown scheme {scheme!r}; use memory://, file://, redis://, "
-                      "rediss://, unix://, redis+sentinel:// or redis+cluster://")
+    raise ConfigError(
+        f"store URL {u!r}: unknown scheme {scheme!r}; use memory://, file://, redis://, "
+        "rediss://, unix://, redis+sentinel:// or redis+cluster://"
+    )
 
 
 __all__ = ["ChunkStore", "DiskStore", "MemoryStore", "RedisStore", "StoreStats", "TieredStore", "open_store"]

@@ -77,8 +77,15 @@ class ChunkStore(ABC):
     def __init__(self, name: str | None = None) -> None:
         self.name = name or self.kind
         self._stats_lock = threading.Lock()
-        self._counts: dict[str, int] = {"hits": 0, "misses": 0, "puts": 0, "bytes_read": 0, "bytes_written": 0,
-                                        "evictions": 0, "queue_drops": 0}
+        self._counts: dict[str, int] = {
+            "hits": 0,
+            "misses": 0,
+            "puts": 0,
+            "bytes_read": 0,
+            "bytes_written": 0,
+            "evictions": 0,
+            "queue_drops": 0,
+        }
         self._errors: dict[str, int] = {}
         lbl = self.name
         self._m_hits = metrics.HITS.labels(lbl)
@@ -128,8 +135,15 @@ class ChunkStore(ABC):
     def count(self, name: str, n: int = 1) -> None:
         with self._stats_lock:
             self._counts[name] += n
-        {"hits": self._m_hits, "misses": self._m_misses, "puts": self._m_puts, "bytes_read": self._m_read,
-         "bytes_written": self._m_written, "evictions": self._m_evict, "queue_drops": self._m_drops}[name].inc(n)
+        {
+            "hits": self._m_hits,
+            "misses": self._m_misses,
+            "puts": self._m_puts,
+            "bytes_read": self._m_read,
+            "bytes_written": self._m_written,
+            "evictions": self._m_evict,
+            "queue_drops": self._m_drops,
+        }[name].inc(n)
 
     def count_error(self, kind: str) -> None:
         with self._stats_lock:
@@ -208,7 +222,7 @@ class ChunkStore(ABC):
         n = sum(ok)
         if n:
             self.count("puts", n)
-            self.count("bytes_written", sum(memoryview(v).nbytes for (_, v), s in zip(its, ok) if s))
+            self.count("bytes_written", sum(memoryview(v).nbytes for (_, v), s in zip(its, ok, strict=True) if s))
         return n
 
     def put(self, key: str, value: Value) -> bool:
@@ -256,8 +270,15 @@ class ChunkStore(ABC):
             self._failed(e)
             entries = used = cap = None
         with self._stats_lock:
-            return StoreStats(self.kind, self.name, **self._counts, errors=dict(self._errors),
-                              entries=entries, used_bytes=used, capacity_bytes=cap)
+            return StoreStats(
+                self.kind,
+                self.name,
+                **self._counts,
+                errors=dict(self._errors),
+                entries=entries,
+                used_bytes=used,
+                capacity_bytes=cap,
+            )
 
     def close(self) -> None:
         if not self.closed:

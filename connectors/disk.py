@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from kvplug.connectors.base import ChunkStore, Value
+
 from kvplug.errors import StoreError
 
 FsyncPolicy = Literal["never", "always"]
@@ -63,12 +64,12 @@ class DiskStore(ChunkStore):
 
     # ---- index -------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.root / "index.sqlite3", timeout=30.0, isolation_level=None,
-                             check_same_thread=False)
+        db = sqlite3.connect(self.root / "index.sqlite3", timeout=30.0, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, size INTEGER NOT NULL, "
-                   "atime REAL NOT NULL)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, size INTEGER NOT NULL, atime REAL NOT NULL)"
+        )
         db.execute("CREATE INDEX IF NOT EXISTS entries_atime ON entries(atime)")
         db.execute("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL)")
         return db
@@ -137,8 +138,11 @@ class DiskStore(ChunkStore):
         """Write buffered access times (caller holds ``_lock``)."""
         if not self._touched:
             return
-        if not force and len(self._touched) < _TOUCH_FLUSH_COUNT and \
-                time.monotonic() - self._last_flush < _TOUCH_FLUSH_SECONDS:
+        if (
+            not force
+            and len(self._touched) < _TOUCH_FLUSH_COUNT
+            and time.monotonic() - self._last_flush < _TOUCH_FLUSH_SECONDS
+        ):
             return
         rows = [(t, k) for k, t in self._touched.items()]
         self._touched.clear()
@@ -163,8 +167,9 @@ class DiskStore(ChunkStore):
                 row = db.execute("SELECT size FROM entries WHERE key=?", (key,)).fetchone()
                 total += size - (row[0] if row else 0)
                 while total > self.max_bytes:
-                    batch = db.execute("SELECT key, size FROM entries WHERE key != ? ORDER BY atime LIMIT 64",
-                                       (key,)).fetchall()
+                    batch = db.execute(
+                        "SELECT key, size FROM entries WHERE key != ? ORDER BY atime LIMIT 64", (key,)
+                    ).fetchall()
                     if not batch:
                         break
                     for vk, vs in batch:
@@ -216,7 +221,7 @@ class DiskStore(ChunkStore):
                 out.append(None)
         now = time.time()
         with self._lock:
-            for k, v in zip(keys, out):
+            for k, v in zip(keys, out, strict=True):
                 if v is not None:
                     self._touched[k] = now
             self._flush_touches()
@@ -233,7 +238,7 @@ class DiskStore(ChunkStore):
             self.count("evictions", len(victims))
         ok: list[bool] = []
         failed: list[str] = []
-        for (k, v), acc in zip(items, accepted):
+        for (k, v), acc in zip(items, accepted, strict=True):
             if not acc:
                 self.count_error("too_large")
                 ok.append(False)
@@ -245,20 +250,27 @@ class DiskStore(ChunkStore):
                 self.count_error("write")
                 failed.append(k)
                 ok.append(False)
-        written = [k for (k, _), s in zip(items, ok) if s]
+        written = [k for (k, _), s in zip(items, ok, strict=True) if s]
         with self._lock:
             if failed:
                 self._forget(failed, sizes)
             # An entry evicted by another process between our reservation and our rename has no row:
             # remove its file so the directory never holds more than the index accounts for.
-            present = {r[0] for r in self._db.execute(
-                f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(written))})", written)} \
-                if written else set()
+            present = (
+                {
+                    r[0]
+                    for r in self._db.execute(
+                        f"SELECT key FROM entries WHERE key IN ({','.join('?' * len(written))})", written
+                    )
+                }
+                if written
+                else set()
+            )
         for k in written:
             if k not in present:
                 self._path(k).unlink(missing_ok=True)
         self._m_used.set(self._total())
-        return [s and k in present for (k, _), s in zip(items, ok)]
+        return [s and k in present for (k, _), s in zip(items, ok, strict=True)]
 
     def _write(self, key: str, value: Value) -> None:
         final = self._path(key)

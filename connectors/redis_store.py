@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 import xxhash
+from kvplug.connectors.base import ChunkStore, Value
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
-from kvplug.connectors.base import ChunkStore, Value
 from kvplug.errors import StoreError
 
 _MANIFEST_MAGIC = b"KVPLUG-SPLIT-V1\x00"
@@ -171,12 +171,12 @@ class RedisStore(ChunkStore):
         for batch in self._batches(keys):
             heads = self._pipe(lambda p, b=batch: [p.getrange(self.rkey(k), 0, _MANIFEST.size - 1) for k in b])
             extra: list[str] = []
-            for k, h in zip(batch, heads):
+            for k, h in zip(batch, heads, strict=True):
                 if h and len(h) == _MANIFEST.size and h.startswith(_MANIFEST_MAGIC):
                     extra += [self._part(k, i) for i in range(_MANIFEST.unpack(h)[1])]
             res = self._pipe(lambda p, b=batch: [p.delete(self.rkey(k)) for k in b])
             if extra:
-                self._pipe(lambda p: [p.delete(x) for x in extra])
+                self._pipe(lambda p, xs=extra: [p.delete(x) for x in xs])
             n += sum(int(r) for r in res)
         return n
 
@@ -190,7 +190,7 @@ class RedisStore(ChunkStore):
 
     def _usage(self) -> tuple[int | None, int | None, int | None]:
         info = self._call(lambda: self.client.info("memory"))
-        nodes = list(info.values()) if isinstance(self.client, redis.RedisCluster) else [info]
+        nodes = [info] if "used_memory" in info else list(info.values())  # cluster: one dict per node
         used = sum(int(n.get("used_memory", 0)) for n in nodes if isinstance(n, dict))
         caps = [int(n.get("maxmemory", 0)) for n in nodes if isinstance(n, dict)]
         return None, used, (sum(caps) if caps and all(caps) else None)

@@ -16,8 +16,9 @@ _Job = tuple[tuple[int, ...], list[tuple[str, Value]]] | None
 class TieredStore(ChunkStore):
     kind = "tiered"
 
-    def __init__(self, tiers: Sequence[ChunkStore], queue_size: int = 256, promote: bool = True,
-                 name: str | None = None) -> None:
+    def __init__(
+        self, tiers: Sequence[ChunkStore], queue_size: int = 256, promote: bool = True, name: str | None = None
+    ) -> None:
         super().__init__(name)
         if not tiers:
             raise ValueError("tiered store: needs at least one tier")
@@ -70,7 +71,7 @@ class TieredStore(ChunkStore):
             idx = [i for i, f in enumerate(found) if not f]
             if not idx:
                 break
-            for i, hit in zip(idx, tier.exists_many([keys[i] for i in idx])):
+            for i, hit in zip(idx, tier.exists_many([keys[i] for i in idx]), strict=True):
                 found[i] = hit
         return found
 
@@ -82,7 +83,7 @@ class TieredStore(ChunkStore):
                 break
             got = tier.get_many([keys[i] for i in idx])
             hits: list[tuple[str, Value]] = []
-            for i, v in zip(idx, got):
+            for i, v in zip(idx, got, strict=True):
                 if v is not None:
                     out[i] = v
                     hits.append((keys[i], v))

@@ -17,11 +17,21 @@ import yaml
 from kvplug.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
-          "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "t": 1000**4,
+    "ki": 1024,
+    "mi": 1024**2,
+    "gi": 1024**3,
+    "ti": 1024**4,
+}
 
 
-def parse_size(value: int | float | str) -> int:
+def parse_size(value: float | str) -> int:
     """``"512MiB"``, ``"10GB"``, ``"1.5G"`` or a plain number of bytes."""
     if isinstance(value, bool):
         raise ConfigError(f"size expected, got {value!r}")
@@ -126,7 +136,7 @@ class KVPlugConfig:
         for name, value in env.items():
             if not name.startswith("KVPLUG_") or name == "KVPLUG_CONFIG_FILE":
                 continue
-            out[name[len("KVPLUG_"):].lower()] = value
+            out[name[len("KVPLUG_") :].lower()] = value
         return out
 
     @classmethod
@@ -144,8 +154,12 @@ class KVPlugConfig:
         return data.get("kvplug", data) if isinstance(data.get("kvplug"), dict) else data
 
     @classmethod
-    def load(cls, overrides: dict[str, Any] | None = None, yaml_path: str | None = None,
-             environ: dict[str, str] | None = None) -> KVPlugConfig:
+    def load(
+        cls,
+        overrides: dict[str, Any] | None = None,
+        yaml_path: str | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> KVPlugConfig:
         """Merge defaults < YAML (``yaml_path`` or ``$KVPLUG_CONFIG_FILE``) < env < ``overrides``."""
         env = os.environ if environ is None else environ
         merged: dict[str, Any] = {}

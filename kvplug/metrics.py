@@ -22,8 +22,8 @@ USED_BYTES = Gauge("kvplug_store_used_bytes", "Bytes held by a capped store", ["
 PAYLOAD_ERRORS = Counter("kvplug_payload_errors", "Stored payloads refused on decode (treated as misses)", ["kind"])
 
 __all__ = [
-    "EVICTIONS",
     "ERRORS",
+    "EVICTIONS",
     "HITS",
     "LATENCY",
     "MISSES",

@@ -48,7 +48,9 @@ class Codec(ABC):
         """Return (extra metadata, body parts) for tensor ``t``."""
 
     @abstractmethod
-    def decode_body(self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode_body(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         """Inverse of :meth:`encode_body`; may raise ``ValueError`` on inconsistent bodies."""
 
     def encode(self, t: torch.Tensor, key: str | bytes | None = None) -> bytes:

@@ -35,7 +35,9 @@ class RawCodec(Codec):
     def encode_body(self, t: torch.Tensor) -> tuple[dict[str, Any], Body]:
         return {}, [tensor_bytes(t)]
 
-    def decode_body(self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode_body(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         return tensor_from(body, dtype, shape)
 
 
@@ -55,7 +57,9 @@ class ZstdCodec(Codec):
         data = shuffle(t) if self.shuffle else tensor_bytes(t)
         return {}, [zstandard.ZstdCompressor(level=self.level).compress(data)]
 
-    def decode_body(self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode_body(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=n)
         if len(raw) != n:
@@ -78,7 +82,9 @@ class Lz4Codec(Codec):
         data = shuffle(t) if self.shuffle else tensor_bytes(t)
         return {}, [lz4.frame.compress(data, store_size=True)]
 
-    def decode_body(self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode_body(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         raw = lz4.frame.decompress(body)
         if len(raw) != n:

@@ -83,7 +83,9 @@ class CacheGenCodec(Codec):
         packed = zstandard.ZstdCompressor(level=self.zstd_level).compress(tensor_bytes(sym))
         return {"scale": tag}, [struct.pack("<Q", len(packed)), packed, scale_bytes(tag, scales)]
 
-    def decode_body(self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode_body(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         if len(shape) != 5 or shape[1] != 2:
             raise ValueError(f"cachegen: bad shape {shape}")
         L, _, T, H, D = shape

@@ -95,7 +95,9 @@ class Fp8Codec(Codec):
         q = (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return {"scale": tag}, [tensor_bytes(q), scale_bytes(tag, scale)]
 
-    def decode_body(self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode_body(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         n = torch.Size(shape).numel()
         rows = n // shape[-1] if shape[-1] else 0
         r = Reader(body)
@@ -160,7 +162,9 @@ class KiviCodec(Codec):
         body += [tensor_bytes(pack_bits(qv, self.bits)), scale_bytes(tag_v, sv), scale_bytes(tag_v, mv)]
         return {"k": tag_k, "v": tag_v}, body
 
-    def decode_body(self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode_body(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         if len(shape) != 5 or shape[1] != 2:
             raise ValueError(f"kivi: bad shape {shape}")
         L, T, C, tg, cg = self._groups(shape)

@@ -1,0 +1,1 @@
+"""Benchmarks runnable from the CLI (``kvplug bench ...``) and from ``bench/``."""

@@ -1,0 +1,141 @@
+"""Private Redis servers for tests and benchmarks: free port, temp dir, nothing persisted, never 6379."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    path = shutil.which("redis-server")
+    if not path:
+        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+    return path
+
+
+class RedisServer:
+    """One ``redis-server`` on a free loopback port; ``stop()``/``start()`` keep the port (to test outages)."""
+
+    def __init__(self, port: int | None = None, args: list[str] | None = None, password: str | None = None) -> None:
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="kvplug-redis-"))
+        self.args = list(args or [])
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        cmd = [
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+            *self.args,
+        ]
+        if self.password:
+            cmd += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=0.5)
+        while True:
+            try:
+                if client.ping():
+                    client.close()
+                    return self
+            except redis.RedisError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not start") from None
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL: an abrupt outage, as a crash would be)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RedisClusterServers:
+    """``n`` cluster-enabled masters on free ports, joined with ``redis-cli --cluster create``."""
+
+    def __init__(self, n: int = 3) -> None:
+        self.nodes = [
+            RedisServer(args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]) for _ in range(n)
+        ]
+        for node in self.nodes:
+            node.args += ["--cluster-config-file", str(node.dir / "nodes.conf")]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli")
+        if not cli:
+            raise RuntimeError("redis-cli is not on PATH")
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = redis.Redis(port=self.nodes[0].port).cluster("info")
+            if (info.get("cluster_state") if isinstance(info, dict) else None) == "ok":
+                return self
+            time.sleep(0.1)
+        raise RuntimeError("redis cluster did not reach state ok")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+    def __enter__(self) -> RedisClusterServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
