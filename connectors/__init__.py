@@ -17,13 +17,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from kvplug.config import parse_bool, parse_size
 from kvplug.connectors.base import ChunkStore, StoreStats
 from kvplug.connectors.disk import DiskStore
 from kvplug.connectors.memory import MemoryStore
 from kvplug.connectors.redis_store import RedisStore
 from kvplug.connectors.tiered import TieredStore
-
-from kvplug.config import parse_bool, parse_size
 from kvplug.errors import ConfigError
 
 _STORE_OPTS: dict[str, Callable[[str], Any]] = {"name": str}
@@ -84,15 +83,16 @@ def _credentials(netloc: str) -> dict[str, str]:
 
 def _redis(url: str, scheme: str, parts: Any, all_opts: dict[str, Any]) -> RedisStore:
     import redis
-    from kvplug.connectors.redis_store import retry_policy
     from redis.cluster import ClusterNode
     from redis.sentinel import Sentinel
+
+    from kvplug.connectors.redis_store import retry_policy
 
     store_opts = {k: v for k, v in all_opts.items() if k in _REDIS_OPTS}
     client_opts = {**REDIS_DEFAULTS, **{k: v for k, v in all_opts.items() if k in _REDIS_CLIENT_OPTS}}
     retry = retry_policy(client_opts.pop("retries"))
     sentinel_password = client_opts.pop("sentinel_password", None)
-    common = {**client_opts, "retry": retry, "retry_on_timeout": True}
+    common = {**client_opts, "retry": retry}  # redis-py retries timeouts and connection errors
     if scheme in ("redis", "rediss", "unix"):
         base = url.split("?", 1)[0]
         client: Any = redis.Redis.from_url(base, **common)

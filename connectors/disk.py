@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Literal
 
 from kvplug.connectors.base import ChunkStore, Value
-
 from kvplug.errors import StoreError
 
 FsyncPolicy = Literal["never", "always"]

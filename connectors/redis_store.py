@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 import xxhash
-from kvplug.connectors.base import ChunkStore, Value
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from kvplug.connectors.base import ChunkStore, Value
 from kvplug.errors import StoreError
 
 _MANIFEST_MAGIC = b"KVPLUG-SPLIT-V1\x00"
