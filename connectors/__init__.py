@@ -34,6 +34,7 @@ _REDIS_OPTS: dict[str, Callable[[str], Any]] = {
     "prefix": str,
     "max_value_bytes": parse_size,
     "batch_size": int,
+    "pipeline_bytes": parse_size,
     "down_backoff_max": float,
 }
 _REDIS_CLIENT_OPTS: dict[str, Callable[[str], Any]] = {

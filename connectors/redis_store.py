@@ -45,6 +45,7 @@ class RedisStore(ChunkStore):
         ttl: float | None = None,
         max_value_bytes: int = 64 << 20,
         batch_size: int = 32,
+        pipeline_bytes: int = 4 << 20,
         down_backoff_max: float = 5.0,
         name: str | None = None,
     ) -> None:
@@ -61,6 +62,8 @@ class RedisStore(ChunkStore):
         self.ttl_ms = int(ttl * 1000) if ttl else None
         self.max_value_bytes = int(max_value_bytes)
         self.batch_size = int(batch_size)
+        self.pipeline_bytes = int(pipeline_bytes)
+        self._avg_value = 0.0  # running mean of value sizes read, to size read pipelines by bytes
         self.down_backoff_max = float(down_backoff_max)
         self._cb_lock = threading.Lock()
         self._down_until = 0.0
@@ -123,10 +126,31 @@ class RedisStore(ChunkStore):
                 n += 1
         return n
 
+    def _read_batch(self) -> int:
+        """Keys per read pipeline: pipelining helps small values, but several multi-MB replies in one pipeline
+        are slower than one GET at a time (measured on loopback), so batches hold ~``pipeline_bytes``."""
+        if self._avg_value <= 0:
+            return self.batch_size
+        return max(1, min(self.batch_size, int(self.pipeline_bytes // self._avg_value)))
+
     def _get_many(self, keys: list[str]) -> list[bytes | None]:
         out: list[bytes | None] = []
-        for batch in self._batches(keys):
-            out.extend(self._pipe(lambda p, b=batch: [p.get(self.rkey(k)) for k in b]))
+        i = 0
+        while i < len(keys):
+            batch = keys[i : i + self._read_batch()]
+            i += len(batch)
+            if len(batch) == 1:
+                got = [self._call(self.client.get, self.rkey(batch[0]))]
+            else:
+                got = self._pipe(lambda p, b=batch: [p.get(self.rkey(k)) for k in b])
+            sizes = [len(v) for v in got if v is not None]
+            if sizes:
+                self._avg_value = (
+                    0.8 * self._avg_value + 0.2 * (sum(sizes) / len(sizes))
+                    if self._avg_value
+                    else sum(sizes) / len(sizes)
+                )
+            out.extend(got)
         for i, v in enumerate(out):
             if v is not None and len(v) == _MANIFEST.size and v.startswith(_MANIFEST_MAGIC):
                 out[i] = self._join(keys[i], v)

@@ -2,7 +2,8 @@
 
 Baselines: plain redis-py SET/GET of the same bytes (one connection, no pipeline, no prefixing) for Redis
 stores; plain ``open().write()`` / ``read()`` in a temp directory for disk stores; a Python dict for memory.
-Rounds alternate kvplug and baseline so machine noise hits both alike; the best round of each is reported.
+Each round runs kvplug and the baseline back to back, alternating which goes first, so machine noise hits
+both alike; the best round of each is reported.
 """
 
 from __future__ import annotations
@@ -40,13 +41,29 @@ class StoreBenchResult:
     def get_ratio(self) -> float:
         return self.get_gbps / self.raw_get_gbps if self.raw_get_gbps else 0.0
 
+    def overhead_us(self, op: str) -> float:
+        """kvplug's extra time per chunk over the raw baseline, in microseconds (negative: faster)."""
+        gb = self.chunk_mb * self.chunks / 1e3
+        ours, raw = getattr(self, f"{op}_gbps"), getattr(self, f"raw_{op}_gbps")
+        return (gb / ours - gb / raw) / self.chunks * 1e6
+
     def row(self) -> dict[str, object]:
-        return {**asdict(self), "put_ratio": round(self.put_ratio, 3), "get_ratio": round(self.get_ratio, 3)}
+        return {
+            **asdict(self),
+            "put_ratio": round(self.put_ratio, 3),
+            "get_ratio": round(self.get_ratio, 3),
+            "put_overhead_us": round(self.overhead_us("put"), 1),
+            "get_overhead_us": round(self.overhead_us("get"), 1),
+        }
 
 
 class _Baseline:
     def put(self, items: list[tuple[str, bytes]]) -> None: ...
-    def get(self, keys: list[str]) -> None: ...
+    def get(self, keys: list[str]) -> list[bytes]:
+        """Read and keep every value, as a consumer of get_many does."""
+        raise NotImplementedError
+
+    def delete(self, keys: list[str]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -58,9 +75,12 @@ class _DictBaseline(_Baseline):
         for k, v in items:
             self.d[k] = v
 
-    def get(self, keys: list[str]) -> None:
+    def get(self, keys: list[str]) -> list[bytes]:
+        return [self.d[k] for k in keys]
+
+    def delete(self, keys: list[str]) -> None:
         for k in keys:
-            assert self.d[k] is not None
+            del self.d[k]
 
 
 class _FileBaseline(_Baseline):
@@ -72,10 +92,16 @@ class _FileBaseline(_Baseline):
             with open(self.dir / k, "wb") as f:
                 f.write(v)
 
-    def get(self, keys: list[str]) -> None:
+    def get(self, keys: list[str]) -> list[bytes]:
+        out = []
         for k in keys:
             with open(self.dir / k, "rb") as f:
-                assert f.read()
+                out.append(f.read())
+        return out
+
+    def delete(self, keys: list[str]) -> None:
+        for k in keys:
+            (self.dir / k).unlink()
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -85,20 +111,19 @@ class _RedisBaseline(_Baseline):
     def __init__(self, store: RedisStore) -> None:
         self.client = store.client
         self.prefix = f"kvplug-raw-bench:{uuid.uuid4().hex[:8]}:"
-        self.written: list[str] = []
 
     def put(self, items: list[tuple[str, bytes]]) -> None:
         for k, v in items:
             self.client.set(self.prefix + k, v)
-            self.written.append(self.prefix + k)
 
-    def get(self, keys: list[str]) -> None:
-        for k in keys:
-            assert self.client.get(self.prefix + k) is not None
+    def get(self, keys: list[str]) -> list[bytes]:
+        return [self.client.get(self.prefix + k) for k in keys]
+
+    def delete(self, keys: list[str]) -> None:
+        self.client.delete(*[self.prefix + k for k in keys])
 
     def close(self) -> None:
-        for k in self.written:
-            self.client.delete(k)
+        pass
 
 
 def _baseline_for(store: ChunkStore) -> _Baseline:
@@ -140,17 +165,27 @@ def bench_store(
         for r in range(rounds):
             keys = [f"bench-{uuid.uuid4().hex}" for _ in range(chunks)]
             items = [(k, payload) for k in keys]
-            t_put, stored = _timed(store.put_many, items)
-            t_raw_put, _ = _timed(base.put, items)
+            # alternate who goes first, so page-cache write-back and warm-up do not favour one side
+            if r % 2 == 0:
+                t_put, stored = _timed(store.put_many, items)
+                t_raw_put, _ = _timed(base.put, items)
+            else:
+                t_raw_put, _ = _timed(base.put, items)
+                t_put, stored = _timed(store.put_many, items)
             if isinstance(store, TieredStore):
                 store.flush()
-            t_get, got = _timed(store.get_many, keys)
-            t_raw_get, _ = _timed(base.get, keys)
+            if r % 2 == 0:
+                t_get, got = _timed(store.get_many, keys)
+                t_raw_get, raw_got = _timed(base.get, keys)
+            else:
+                t_raw_get, raw_got = _timed(base.get, keys)
+                t_get, got = _timed(store.get_many, keys)
             for name, t in (("put", t_put), ("raw_put", t_raw_put), ("get", t_get), ("raw_get", t_raw_get)):
                 best[name] = min(best[name], t)
-            if stored != len(keys) or any(g is None for g in got):  # type: ignore[union-attr]
+            if stored != len(keys) or got != raw_got:
                 raise RuntimeError(f"store {url} lost entries during the benchmark (cap too small?)")
             store.delete(keys)
+            base.delete(keys)
             if progress:
                 progress(r + 1, rounds)
     finally:
