@@ -11,17 +11,33 @@ import zstandard
 
 from kvplug.codec.base import Body, Codec, tensor_bytes, tensor_from
 
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
+
 
 def shuffle(t: torch.Tensor) -> memoryview:
-    """Group the i-th byte of every element together (exponent bytes compress well)."""
+    """Group the i-th byte of every element together (exponent bytes compress well).
+
+    2- and 4-byte types use shifts and masks (several times faster than a uint8 transpose here).
+    """
     t = t.detach().contiguous().cpu()
-    b = t.view(torch.uint8).reshape(-1, t.element_size())
+    size = t.element_size()
+    if size in _INT_OF_SIZE:
+        v = t.reshape(-1).view(_INT_OF_SIZE[size])
+        planes = [((v >> (8 * i)) & 0xFF).to(torch.uint8) for i in range(size)]
+        return memoryview(torch.cat(planes).numpy())
+    b = t.view(torch.uint8).reshape(-1, size)
     return memoryview(b.t().contiguous().reshape(-1).numpy())
 
 
 def unshuffle(buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     size = torch.empty((), dtype=dtype).element_size()
     b = torch.frombuffer(bytearray(buf), dtype=torch.uint8).reshape(size, -1)
+    if size in _INT_OF_SIZE:
+        it = _INT_OF_SIZE[size]
+        v = b[0].to(it)
+        for i in range(1, size):
+            v |= b[i].to(it) << (8 * i)
+        return v.view(dtype).reshape(shape)
     return b.t().contiguous().view(dtype).reshape(shape)
 
 
@@ -47,7 +63,7 @@ class ZstdCodec(Codec):
 
     name = "zstd"
     codec_id = 2
-    level: int = 3
+    level: int = 1  # on bf16 KV, level 1 is ~3x faster than 3 and compresses as well (bench/codecs.py)
     shuffle: bool = True
 
     def params(self) -> dict[str, Any]:
