@@ -27,6 +27,7 @@ FsyncPolicy = Literal["never", "always"]
 _TOUCH_FLUSH_COUNT = 256
 _TOUCH_FLUSH_SECONDS = 1.0
 _STALE_TMP_SECONDS = 3600.0
+_INDEX_BUSY_TIMEOUT = 5.0  # seconds a write waits for another process's index transaction
 
 
 class DiskStore(ChunkStore):
@@ -63,7 +64,9 @@ class DiskStore(ChunkStore):
 
     # ---- index -------------------------------------------------------------------------------------------
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.root / "index.sqlite3", timeout=30.0, isolation_level=None, check_same_thread=False)
+        db = sqlite3.connect(
+            self.root / "index.sqlite3", timeout=_INDEX_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute(
@@ -147,8 +150,12 @@ class DiskStore(ChunkStore):
         self._touched.clear()
         self._last_flush = time.monotonic()
         self._db.execute("BEGIN IMMEDIATE")
-        self._db.executemany("UPDATE entries SET atime=? WHERE key=?", rows)
-        self._db.execute("COMMIT")
+        try:
+            self._db.executemany("UPDATE entries SET atime=? WHERE key=?", rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
 
     def _reserve(self, items: list[tuple[str, int]]) -> tuple[list[bool], list[str]]:
         """Reserve index space for (key, size) pairs, evicting LRU entries; returns (accepted, victims)."""
@@ -223,7 +230,16 @@ class DiskStore(ChunkStore):
             for k, v in zip(keys, out, strict=True):
                 if v is not None:
                     self._touched[k] = now
-            self._flush_touches()
+            try:
+                self._db.execute("PRAGMA busy_timeout=50")  # a read never waits long for the index
+                try:
+                    self._flush_touches()
+                finally:
+                    self._db.execute(f"PRAGMA busy_timeout={int(_INDEX_BUSY_TIMEOUT * 1000)}")
+            except sqlite3.Error:
+                # The files were read fine; a busy index only delays the LRU update (kept for the next flush).
+                self._touched.update({k: now for k, v in zip(keys, out, strict=True) if v is not None})
+                self.count_error("index_busy")
         return out
 
     def _put_many(self, items: list[tuple[str, Value]]) -> list[bool]:

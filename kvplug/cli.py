@@ -101,8 +101,8 @@ def doctor(store: Annotated[str | None, typer.Option(help="Store URL to check (d
         ok, detail = probe_store(s)
         stats = s.stats()
         s.close()
-    except ConfigError as e:
-        ok, detail, stats = False, str(e), None
+    except (ConfigError, OSError) as e:
+        ok, detail, stats = False, f"{type(e).__name__}: {e}", None
     t.add_row("store", url, "[green]" + detail if ok else "[red]" + detail)
     ok_all &= ok
     if stats is not None and stats.used_bytes is not None:

@@ -49,6 +49,23 @@ def test_index_rebuilt_on_restart_when_missing_or_corrupt(tmp_path):
         assert db.execute("select count(*) from entries").fetchone()[0] == 5
 
 
+def test_busy_index_never_turns_a_read_into_a_miss(tmp_path):
+    s = DiskStore(tmp_path)
+    s.put_many([(f"k{i}", b"v" * 10) for i in range(300)])
+    other = sqlite3.connect(tmp_path / "index.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the index write lock
+    try:
+        got = s.get_many([f"k{i}" for i in range(300)])  # 300 touches: forces an index flush
+        assert got == [b"v" * 10] * 300
+        assert s.stats().errors == {"index_busy": 1}
+        assert not s.put("new", b"x")  # a write cannot reserve space: refused and counted, not raised
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert s.put("new", b"x") and s.get("new") == b"x"
+    s.close()
+
+
 def test_fsync_always_and_stale_temp_files(tmp_path):
     (tmp_path / "tmp").mkdir(parents=True)
     stale = tmp_path / "tmp" / "old.123.abc"
