@@ -39,7 +39,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["kvplug", "kvplug.codec", "kvplug.connectors", "kvplug.kernels"],
+    packages=[
+        "kvplug",
+        "kvplug.bench",
+        "kvplug.codec",
+        "kvplug.connectors",
+        "kvplug.integrations",
+        "kvplug.integrations.vllm",
+        "kvplug.kernels",
+    ],
     package_dir={
         "kvplug": "kvplug",
         "kvplug.connectors": "connectors",
@@ -47,5 +55,8 @@ setup(
     },
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["kvplug=kvplug.cli:main"]},
+    entry_points={
+        "console_scripts": ["kvplug=kvplug.cli:main"],
+        "vllm.general_plugins": ["kvplug = kvplug.integrations.vllm:register"],
+    },
 )

@@ -73,6 +73,19 @@ class KVCache:
         items = [(c.prefix_key, self.codec.encode(kv[:, :, c.start : c.end], key=c.prefix_key)) for c in chunks]
         return self.store.put_many(items)
 
+    def put_chunks(self, pairs: Sequence[tuple[Chunk, torch.Tensor]], blend: bool = False) -> int:
+        """Encode and store given chunks (``[L, 2, chunk_tokens, H, D]`` each); returns how many were stored."""
+        items = []
+        for c, kv in pairs:
+            if tuple(kv.shape) != self.chunk_shape(c.num_tokens) or kv.dtype != self.dtype:
+                raise ValueError(
+                    f"chunk {c.index}: kv {tuple(kv.shape)} {kv.dtype}, expected "
+                    f"{self.chunk_shape(c.num_tokens)} {self.dtype}"
+                )
+            key = c.blend_key if blend else c.prefix_key
+            items.append((key, self.codec.encode(kv, key=key)))
+        return self.store.put_many(items)
+
     def get(self, tokens: Tokens, num_chunks: int | None = None) -> list[torch.Tensor | None]:
         """Decoded chunks for ``tokens`` (first ``num_chunks``); ``None`` for each miss or refused payload."""
         chunks = self.chunks(tokens)[:num_chunks]

@@ -74,6 +74,8 @@ class KVPlugConfig:
     tenant_salt: str = ""
     write_queue_size: int = 256
     promote_on_hit: bool = True
+    model_id: str = ""  # engines: key namespace model name (default: the engine's model path or name)
+    save_decode: bool = False  # engines: also store chunks completed by generated tokens
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,8 +117,9 @@ class KVPlugConfig:
                     out[name] = int(out[name])
                 except ValueError:
                     raise ConfigError(f"{source}: {name} must be an integer, got {out[name]!r}") from None
-        if "promote_on_hit" in out:
-            out["promote_on_hit"] = parse_bool(out["promote_on_hit"])
+        for name in ("promote_on_hit", "save_decode"):
+            if name in out:
+                out[name] = parse_bool(out[name])
         if isinstance(out.get("codec_params"), str):
             loaded = yaml.safe_load(out["codec_params"]) or {}
             if not isinstance(loaded, dict):

@@ -19,9 +19,36 @@ ERRORS = Counter("kvplug_store_errors", "Store errors turned into misses or drop
 EVICTIONS = Counter("kvplug_store_evictions", "Entries evicted to honour a byte cap", ["store"])
 QUEUE_DROPS = Counter("kvplug_store_queue_drops", "Write-backs dropped because the queue was full", ["store"])
 USED_BYTES = Gauge("kvplug_store_used_bytes", "Bytes held by a capped store", ["store"])
+CONNECTOR_LOOKUP_TOKENS = Counter(
+    "kvplug_connector_lookup_tokens", "Prompt tokens looked up by the engine connector", ["engine"]
+)
+CONNECTOR_HIT_TOKENS = Counter(
+    "kvplug_connector_hit_tokens", "Prompt tokens the store could serve (lookup)", ["engine"]
+)
+CONNECTOR_LOADED_TOKENS = Counter("kvplug_connector_loaded_tokens", "Tokens of KV loaded into the engine", ["engine"])
+CONNECTOR_SAVED_TOKENS = Counter("kvplug_connector_saved_tokens", "Tokens of KV saved from the engine", ["engine"])
+CONNECTOR_LOAD_SECONDS = Histogram(
+    "kvplug_connector_load_seconds", "Time to load one request's KV", ["engine"], buckets=_LATENCY_BUCKETS
+)
+CONNECTOR_SAVE_SECONDS = Histogram(
+    "kvplug_connector_save_seconds",
+    "Time to encode and store one batch of chunks",
+    ["engine"],
+    buckets=_LATENCY_BUCKETS,
+)
+CONNECTOR_ERRORS = Counter(
+    "kvplug_connector_errors", "Connector failures (each one a recompute, never a wrong answer)", ["engine", "kind"]
+)
 PAYLOAD_ERRORS = Counter("kvplug_payload_errors", "Stored payloads refused on decode (treated as misses)", ["kind"])
 
 __all__ = [
+    "CONNECTOR_ERRORS",
+    "CONNECTOR_HIT_TOKENS",
+    "CONNECTOR_LOADED_TOKENS",
+    "CONNECTOR_LOAD_SECONDS",
+    "CONNECTOR_LOOKUP_TOKENS",
+    "CONNECTOR_SAVED_TOKENS",
+    "CONNECTOR_SAVE_SECONDS",
     "ERRORS",
     "EVICTIONS",
     "HITS",

@@ -1,0 +1,23 @@
+"""vLLM integration. ``register()`` is the ``vllm.general_plugins`` entry point: it runs in every vLLM process
+and is idempotent. Without the plugin, use ``"kv_connector_module_path": "kvplug.integrations.vllm.connector"``."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("kvplug.vllm")
+CONNECTOR_NAME = "KVPlugConnector"
+CONNECTOR_MODULE = "kvplug.integrations.vllm.connector"
+
+
+def register() -> None:
+    """Register ``KVPlugConnector`` with vLLM's connector factory (no-op when already registered)."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from kvplug.integrations.vllm._compat import check_version
+
+    if CONNECTOR_NAME in KVConnectorFactory._registry:
+        return
+    check_version()
+    KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
+    log.debug("kvplug: registered %s", CONNECTOR_NAME)

@@ -1,0 +1,78 @@
+"""Run one vLLM engine (CPU, one process) over token prompts and print a JSON report: used by the tests and the
+benchmark so each run is a new engine in a new process.
+
+    python -m kvplug.integrations.vllm.runner '{"model": "...", "prompts": [[1, 2, 3]], "extra": {...}}'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+
+def run(spec: dict[str, Any]) -> dict[str, Any]:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from prometheus_client import REGISTRY
+    from vllm import LLM, SamplingParams
+
+    kv_cfg = None
+    if spec.get("connector", True):
+        kv_cfg = {
+            "kv_connector": "KVPlugConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": spec.get("extra", {}),
+        }
+        if spec.get("module_path"):
+            kv_cfg["kv_connector_module_path"] = "kvplug.integrations.vllm.connector"
+    llm = LLM(
+        spec["model"],
+        dtype=spec.get("dtype", "float32"),
+        max_model_len=spec.get("max_model_len", 4096),
+        max_num_batched_tokens=spec.get("max_num_batched_tokens", 4096),
+        block_size=32,
+        enforce_eager=True,
+        enable_prefix_caching=spec.get("prefix_caching", False),
+        kv_transfer_config=kv_cfg,
+        seed=0,
+    )
+    outs = []
+    params = spec.get("params") or [None] * len(spec["prompts"])
+    for prompt, p in zip(spec["prompts"], params, strict=True):
+        sp = SamplingParams(
+            max_tokens=spec.get("max_tokens", 8), temperature=0, extra_args={"kv_transfer_params": p} if p else None
+        )
+        t0 = time.perf_counter()
+        o = llm.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0]
+        outs.append(
+            {
+                "token_ids": list(o.outputs[0].token_ids),
+                "num_cached_tokens": o.num_cached_tokens,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+    conn = _connector(llm)
+    if conn is not None:
+        conn.flush_saves()
+    metrics = {}
+    for fam in REGISTRY.collect():
+        if fam.name.startswith(("kvplug_connector", "kvplug_payload", "kvplug_store")):
+            for s in fam.samples:
+                if s.name.endswith(("_total", "_count", "_sum")):
+                    metrics[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
+    return {"outputs": outs, "metrics": metrics}
+
+
+def _connector(llm: Any) -> Any:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    return get_kv_transfer_group() if has_kv_transfer_group() else None
+
+
+if __name__ == "__main__":
+    report = run(json.loads(sys.argv[1]))
+    print("KVPLUG-REPORT " + json.dumps(report))
