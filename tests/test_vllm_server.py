@@ -118,3 +118,15 @@ def test_second_identical_request_loads_from_redis(server):
 
     other = post(port, {**body, "kv_transfer_params": {"tenant_salt": "someone-else"}})
     assert (other["usage"].get("prompt_tokens_details") or {}).get("cached_tokens", 0) == 0
+
+    # kvplug's counters reach the API server's /metrics (the engine runs in another process)
+    deadline = time.monotonic() + 30
+    while True:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        loaded = [line for line in text.splitlines() if line.startswith("vllm:kvplug_loaded_tokens_total{")]
+        if loaded and float(loaded[0].rsplit(" ", 1)[1]) == 256:
+            break
+        assert time.monotonic() < deadline, f"no kvplug metrics on /metrics: {loaded}"
+        time.sleep(1)
+    saved = [line for line in text.splitlines() if line.startswith("vllm:kvplug_saved_tokens_total{")]
+    assert saved and float(saved[0].rsplit(" ", 1)[1]) >= 256

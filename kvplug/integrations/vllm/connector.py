@@ -40,6 +40,8 @@ from kvplug.config import KVPlugConfig
 from kvplug.connectors import ChunkStore, open_store
 from kvplug.errors import ConfigError
 from kvplug.integrations.vllm.layouts import LayoutAdapter, adapter_for, token_slots
+from kvplug.integrations.vllm.stats import FIELDS as STAT_FIELDS
+from kvplug.integrations.vllm.stats import KVPlugPromMetrics, KVPlugStats
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -96,7 +98,7 @@ class RequestOptions:
 
 @dataclass
 class LoadSpec:
-    """Load tokens [start, end) of ``tokens`` into ``block_ids``."""
+    """Load tokens [start, end) into ``block_ids``; ``tokens`` runs to the end of the last chunk touched."""
 
     req_id: str
     tokens: list[int]
@@ -168,6 +170,8 @@ class KVPlugConnector(KVConnectorBase_V1):
             maxsize=self.config.write_queue_size
         )
         self._saver: threading.Thread | None = None
+        self._stats = dict.fromkeys(STAT_FIELDS, 0)
+        self._stats_lock = threading.Lock()
         log.info(
             "kvplug connector (%s): store %s, codec %s, chunk %d",
             role.name,
@@ -261,7 +265,8 @@ class KVPlugConnector(KVConnectorBase_V1):
                 meta.loads.append(
                     LoadSpec(
                         new.req_id,
-                        tokens[: st.load_end],
+                        # whole chunks: the last one may be loaded only in part (load_end leaves a block to compute)
+                        tokens[: -(-st.load_end // self.config.chunk_size) * self.config.chunk_size],
                         st.opts.tenant_salt,
                         st.load_start,
                         st.load_end,
@@ -374,8 +379,10 @@ class KVPlugConnector(KVConnectorBase_V1):
                 loaded_to - spec.start,
                 spec.end - spec.start,
             )
+        seconds = time.perf_counter() - t0
         metrics.CONNECTOR_LOADED_TOKENS.labels(ENGINE).inc(loaded_to - spec.start)
-        metrics.CONNECTOR_LOAD_SECONDS.labels(ENGINE).observe(time.perf_counter() - t0)
+        metrics.CONNECTOR_LOAD_SECONDS.labels(ENGINE).observe(seconds)
+        self._record(loaded_tokens=loaded_to - spec.start, load_seconds=seconds, load_errors=int(loaded_to < spec.end))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete in start_load_kv
@@ -413,6 +420,7 @@ class KVPlugConnector(KVConnectorBase_V1):
             self._save_q.put_nowait((cache, pairs))
         except queue.Full:
             metrics.CONNECTOR_ERRORS.labels(ENGINE, "save_queue_full").inc()
+            self._record(save_errors=len(pairs))
 
     def _save_loop(self) -> None:
         while True:
@@ -425,10 +433,11 @@ class KVPlugConnector(KVConnectorBase_V1):
                 stored = cache.put_chunks(pairs)
                 if stored < len(pairs):
                     metrics.CONNECTOR_ERRORS.labels(ENGINE, "save_failed").inc(len(pairs) - stored)
-                metrics.CONNECTOR_SAVED_TOKENS.labels(ENGINE).inc(
-                    sum(c.num_tokens for c, _ in pairs) if stored == len(pairs) else 0
-                )
-                metrics.CONNECTOR_SAVE_SECONDS.labels(ENGINE).observe(time.perf_counter() - t0)
+                saved = sum(c.num_tokens for c, _ in pairs) if stored == len(pairs) else 0
+                seconds = time.perf_counter() - t0
+                metrics.CONNECTOR_SAVED_TOKENS.labels(ENGINE).inc(saved)
+                metrics.CONNECTOR_SAVE_SECONDS.labels(ENGINE).observe(seconds)
+                self._record(saved_tokens=saved, save_seconds=seconds, save_errors=len(pairs) - stored)
             except Exception:  # noqa: BLE001 - a failed save is a future miss, never an engine crash
                 log.exception("kvplug: saving chunks failed")
                 metrics.CONNECTOR_ERRORS.labels(ENGINE, "save_exception").inc()
@@ -444,6 +453,33 @@ class KVPlugConnector(KVConnectorBase_V1):
             time.sleep(0.01)
         flush = getattr(self.store, "flush", None)
         return bool(flush(max(0.0, deadline - time.monotonic()))) if flush else True
+
+    # ---- stats (vLLM's path to the API server's /metrics) ---------------------------------------------------
+    def _record(self, **values: float) -> None:
+        with self._stats_lock:
+            for k, v in values.items():
+                self._stats[k] += v
+
+    def get_kv_connector_stats(self) -> KVPlugStats | None:
+        with self._stats_lock:
+            if not any(self._stats.values()):
+                return None
+            data, self._stats = self._stats, dict.fromkeys(STAT_FIELDS, 0)
+        return KVPlugStats(data=data)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVPlugStats | None:
+        return KVPlugStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KVPlugPromMetrics:
+        return KVPlugPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()

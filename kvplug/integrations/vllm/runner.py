@@ -56,9 +56,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 "seconds": time.perf_counter() - t0,
             }
         )
-    conn = _connector(llm)
-    if conn is not None:
-        conn.flush_saves()
+        conn = _connector(llm)
+        if conn is not None:
+            conn.flush_saves()  # this prompt's saves land before the next prompt looks up
     metrics = {}
     for fam in REGISTRY.collect():
         if fam.name.startswith(("kvplug_connector", "kvplug_payload", "kvplug_store")):
