@@ -242,14 +242,20 @@ def bench_codecs_cmd(
 @app.command()
 def demo(
     store: Annotated[str | None, typer.Option(help="Store URL (default: the embedded local-disk store)")] = None,
-    codec: Annotated[str, typer.Option(help="Codec for stored chunks")] = "int8",
-    tokens: Annotated[int, typer.Option(help="Prompt length in tokens")] = 1024,
+    codec: Annotated[str, typer.Option(help="Codec for stored chunks (--store-only)")] = "int8",
+    tokens: Annotated[int, typer.Option(help="Prompt length in tokens")] = 2048,
+    store_only: Annotated[bool, typer.Option("--store-only", help="Store round trip only, no vLLM")] = False,
 ) -> None:
-    """Store a prompt's KV, reopen the store as a new process would, and load it back."""
-    from kvplug.demo import run_demo
+    """vLLM on SmolLM2 twice (new engines): the second run loads the prompt's KV from the store. Without vLLM
+    installed (or with --store-only): the store round trip on SmolLM2-shaped KV."""
+    from kvplug.demo import run_demo, run_vllm_demo
 
     url = store or KVPlugConfig.load().store_urls[0]
-    raise typer.Exit(0 if run_demo(url, codec, tokens, console) else 1)
+    if store_only or importlib.util.find_spec("vllm") is None:
+        ok = run_demo(url, codec, min(tokens, 4096), console)
+    else:
+        ok = run_vllm_demo(url, tokens, console)
+    raise typer.Exit(0 if ok else 1)
 
 
 def main() -> None:

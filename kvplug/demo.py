@@ -88,3 +88,62 @@ def run_demo(url: str, codec: str = "int8", num_tokens: int = 1024, console: Con
     console.print(t)
     torch.set_printoptions()
     return all(ok for _, _, ok in checks)
+
+
+def run_vllm_demo(url: str, num_tokens: int = 2048, console: Console | None = None) -> bool:
+    """Two vLLM engines (new processes) on SmolLM2: the first computes and stores a prompt's KV, the second loads
+    it. Shows the TTFT of each, the tokens vLLM reports as cached, and that the answers are identical."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    from kvplug.models import smollm2_dir
+
+    console = console or Console()
+    model = str(smollm2_dir())
+    ids = AutoTokenizer.from_pretrained(model)("\n\n".join(topics[k] for k in sorted(topics))).input_ids[:num_tokens]
+    if url.startswith("memory://"):
+        raise ValueError("the vLLM demo runs engines in new processes: use a file:// or redis:// store")
+    spec = {
+        "model": model,
+        "dtype": "bfloat16",
+        "max_tokens": 16,
+        "max_model_len": 8192,
+        "max_num_batched_tokens": 8192,
+        "prompts": [ids],
+        "extra": {"store": url, "model_id": "kvplug-demo/SmolLM2-135M-Instruct", "tenant_salt": f"demo-{time.time()}"},
+    }
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+    def engine(label: str) -> dict:
+        with console.status(f"{label}: starting a vLLM engine (new process)"):
+            r = subprocess.run(
+                [sys.executable, "-m", "kvplug.integrations.vllm.runner", json.dumps(spec)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+        for line in r.stdout.splitlines():
+            if line.startswith("KVPLUG-REPORT "):
+                return json.loads(line[len("KVPLUG-REPORT ") :])["outputs"][0]
+        console.print(r.stderr[-3000:])
+        raise RuntimeError(f"{label}: the engine failed")
+
+    cold, warm = engine("run 1 (computes and stores)"), engine("run 2 (loads)")
+    t = Table(title=f"kvplug + vLLM {num_tokens}-token prompt, SmolLM2-135M (bf16, CPU), store {url}")
+    for col in ("run", "cached tokens (vLLM)", "time to first 16 tokens", "output"):
+        t.add_column(col)
+    for name, o in (("1: new engine, cold store", cold), ("2: new engine, warm store", warm)):
+        t.add_row(name, str(o["num_cached_tokens"]), f"{o['seconds']:.2f} s", str(o["token_ids"][:8]) + " ...")
+    console.print(t)
+    same = cold["token_ids"] == warm["token_ids"]
+    hit = warm["num_cached_tokens"] > 0
+    console.print(
+        f"speed-up {cold['seconds'] / warm['seconds']:.1f}x; identical output: {'yes' if same else 'NO'}; "
+        f"hit: {'yes' if hit else 'NO'}"
+    )
+    return same and hit

@@ -63,8 +63,13 @@ def real_kv(num_tokens: int = 256, dtype: torch.dtype = torch.bfloat16, text: st
         raise ValueError(f"text has only {ids.shape[1]} tokens")
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
+    return past_to_kv(cache).to(dtype)
+
+
+def past_to_kv(cache: object) -> torch.Tensor:
+    """A transformers cache (batch 1) as kvplug's ``[layers, 2, tokens, kv_heads, head_dim]``."""
     layers = []
-    for layer in cache.layers if hasattr(cache, "layers") else cache:
+    for layer in cache.layers if hasattr(cache, "layers") else cache:  # type: ignore[attr-defined]
         k, v = (layer.keys, layer.values) if hasattr(layer, "keys") else layer
         layers.append(torch.stack([k[0].transpose(0, 1), v[0].transpose(0, 1)]))  # [2, T, H, D]
-    return torch.stack(layers).to(dtype)
+    return torch.stack(layers)

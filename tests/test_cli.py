@@ -79,6 +79,6 @@ def test_bench_codecs_synthetic(tmp_path):
 
 
 def test_demo(tmp_path):
-    r = runner.invoke(app, ["demo", "--store", f"file://{tmp_path}/demo", "--tokens", "512"])
+    r = runner.invoke(app, ["demo", "--store-only", "--store", f"file://{tmp_path}/demo", "--tokens", "512"])
     assert r.exit_code == 0, r.output
     assert "NO" not in r.output and "512 of 512 tokens" in r.output

@@ -158,6 +158,11 @@ class KVPlugConnector(KVConnectorBase_V1):
                 f"block size {self.block_size}"
             )
         self.base_namespace = self._namespace(vllm_config, kv_cache_config)
+        if not isinstance(getattr(torch, self.base_namespace.dtype, None), torch.dtype):
+            raise ConfigError(
+                f"kvplug: KV cache dtype {self.base_namespace.dtype!r} is not supported yet "
+                "(supported: the model dtype, i.e. kv_cache_dtype 'auto')"
+            )
         self.store = shared_store(self.config)
         self._caches: dict[str, KVCache] = {}
         # scheduler side
@@ -260,20 +265,7 @@ class KVPlugConnector(KVConnectorBase_V1):
             if st is None:
                 continue
             st.block_ids = list(new.block_ids[0])
-            tokens = list(new.prompt_token_ids or [])
-            if st.load_start < st.load_end:
-                meta.loads.append(
-                    LoadSpec(
-                        new.req_id,
-                        # whole chunks: the last one may be loaded only in part (load_end leaves a block to compute)
-                        tokens[: -(-st.load_end // self.config.chunk_size) * self.config.chunk_size],
-                        st.opts.tenant_salt,
-                        st.load_start,
-                        st.load_end,
-                        list(st.block_ids),
-                    )
-                )
-                st.load_start = st.load_end
+            self._plan_load(meta, st)
             self._plan_save(meta, st, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -283,10 +275,30 @@ class KVPlugConnector(KVConnectorBase_V1):
             new_ids = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 st.block_ids = list(new_ids[0]) if new_ids else []
+                self._plan_load(meta, st)  # a preempted request resumes in new blocks: load them again
             elif new_ids:
                 st.block_ids.extend(new_ids[0])
             self._plan_save(meta, st, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id])
         return meta
+
+    def _plan_load(self, meta: KVPlugMetadata, st: _ReqState) -> None:
+        """Queue the load vLLM was promised in update_state_after_alloc (once per allocation)."""
+        if st.load_start >= st.load_end:
+            return
+        chunk = self.config.chunk_size
+        tokens = list(st.request.prompt_token_ids or [])
+        # whole chunks: the last one may be loaded only in part (load_end leaves a block to compute)
+        meta.loads.append(
+            LoadSpec(
+                st.request.request_id,
+                tokens[: -(-st.load_end // chunk) * chunk],
+                st.opts.tenant_salt,
+                st.load_start,
+                st.load_end,
+                list(st.block_ids),
+            )
+        )
+        st.load_start = st.load_end
 
     def _plan_save(self, meta: KVPlugMetadata, st: _ReqState, computed_after: int) -> None:
         """Queue the chunks that this step completes (prompt chunks; generated ones with save_decode)."""

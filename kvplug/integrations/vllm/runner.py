@@ -40,25 +40,27 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         enable_prefix_caching=spec.get("prefix_caching", False),
         kv_transfer_config=kv_cfg,
         seed=0,
+        num_gpu_blocks_override=spec.get("num_blocks"),
     )
     outs = []
     params = spec.get("params") or [None] * len(spec["prompts"])
-    for prompt, p in zip(spec["prompts"], params, strict=True):
-        sp = SamplingParams(
+    sps = [
+        SamplingParams(
             max_tokens=spec.get("max_tokens", 8), temperature=0, extra_args={"kv_transfer_params": p} if p else None
         )
+        for p in params
+    ]
+    if spec.get("batch"):  # all prompts in one generate call: scheduled together (and preempted, if blocks run out)
         t0 = time.perf_counter()
-        o = llm.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0]
-        outs.append(
-            {
-                "token_ids": list(o.outputs[0].token_ids),
-                "num_cached_tokens": o.num_cached_tokens,
-                "seconds": time.perf_counter() - t0,
-            }
-        )
-        conn = _connector(llm)
-        if conn is not None:
-            conn.flush_saves()  # this prompt's saves land before the next prompt looks up
+        results = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], sps, use_tqdm=False)
+        outs = [_out(o, time.perf_counter() - t0) for o in results]
+        _flush(llm)
+    else:
+        for prompt, sp in zip(spec["prompts"], sps, strict=True):
+            t0 = time.perf_counter()
+            o = llm.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0]
+            outs.append(_out(o, time.perf_counter() - t0))
+            _flush(llm)  # this prompt's saves land before the next prompt looks up
     metrics = {}
     for fam in REGISTRY.collect():
         if fam.name.startswith(("kvplug_connector", "kvplug_payload", "kvplug_store")):
@@ -66,6 +68,16 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 if s.name.endswith(("_total", "_count", "_sum")):
                     metrics[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
     return {"outputs": outs, "metrics": metrics}
+
+
+def _out(o: Any, seconds: float) -> dict[str, Any]:
+    return {"token_ids": list(o.outputs[0].token_ids), "num_cached_tokens": o.num_cached_tokens, "seconds": seconds}
+
+
+def _flush(llm: Any) -> None:
+    conn = _connector(llm)
+    if conn is not None:
+        conn.flush_saves()
 
 
 def _connector(llm: Any) -> Any:
