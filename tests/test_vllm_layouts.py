@@ -59,8 +59,9 @@ def test_cpu_vec_layout_is_transposed_keys_then_values():
 def test_adapter_selection_and_refusals():
     assert isinstance(adapter_for("CPU_ATTN", D, "vec"), CpuVecAdapter)
     assert isinstance(adapter_for("FLASHINFER", D), BHNCAdapter)
-    with pytest.raises(NotImplementedError, match="amx"):
-        adapter_for("CPU_ATTN", D, "amx")
+    for isa in ("amx", "vec16", "neon"):
+        with pytest.raises(NotImplementedError, match=isa):
+            adapter_for("CPU_ATTN", D, isa)
     with pytest.raises(NotImplementedError, match="not supported"):
         adapter_for("FLEX_ATTENTION", D)
     with pytest.raises(ValueError, match="blocks"):

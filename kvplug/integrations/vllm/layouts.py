@@ -6,7 +6,7 @@ vLLM 0.32 hands every attention backend a per-layer logical view ``[num_blocks, 
 * ``bhnc-kv`` (FlashAttention, FlashInfer, Triton on CUDA): for each token and head, ``K`` then ``V``
   (``kv_cache.transpose(1, 2).split(head_size, -1)`` in the backends). Any physical stride order works: the
   adapter indexes the logical view.
-* ``cpu-vec`` (CPU_ATTN with the ``vec``/``vec16`` ISA): each (block, head) slab of ``block_size * 2 * head_dim``
+* ``cpu-vec`` (CPU_ATTN with the ``vec`` ISA): each (block, head) slab of ``block_size * 2 * head_dim``
   values holds ``K`` transposed, ``[head_dim, block_size]``, then ``V`` as ``[block_size, head_dim]``. Verified
   against Hugging Face's KV for SmolLM2 (``tests/test_vllm_layouts.py``).
 
@@ -95,10 +95,10 @@ CUDA_BACKENDS = ("FLASH_ATTN", "FLASHINFER", "TRITON_ATTN")
 def adapter_for(backend: str, head_dim: int, cpu_isa: str | None = None) -> LayoutAdapter:
     """The adapter for a vLLM attention backend name; a clear error for an untested one."""
     if backend == "CPU_ATTN":
-        if cpu_isa in ("vec", "vec16"):
+        if cpu_isa == "vec":
             return CpuVecAdapter(head_dim)
         raise NotImplementedError(
-            f"kvplug: CPU_ATTN with ISA {cpu_isa!r} uses a KV layout kvplug has not verified (verified: vec, vec16)"
+            f"kvplug: CPU_ATTN with ISA {cpu_isa!r} uses a KV layout kvplug has not verified (verified: vec)"
         )
     if backend in CUDA_BACKENDS:
         return BHNCAdapter(head_dim)
