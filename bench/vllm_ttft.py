@@ -16,32 +16,18 @@ so every hit comes from the store.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
+from kvplug.integrations.vllm.runner import run_in_new_process
 from kvplug.testing import RedisServer
 
 BYTES_PER_TOKEN_BF16 = 30 * 2 * 3 * 64 * 2  # SmolLM2: layers x (K,V) x kv heads x head dim x 2 bytes
 
 
 def engine(spec: dict) -> dict:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    r = subprocess.run(
-        [sys.executable, "-m", "kvplug.integrations.vllm.runner", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
-    )
-    for line in r.stdout.splitlines():
-        if line.startswith("KVPLUG-REPORT "):
-            return json.loads(line[len("KVPLUG-REPORT ") :])
-    raise RuntimeError(r.stderr[-4000:])
+    return run_in_new_process(spec, env={"VLLM_CPU_KVCACHE_SPACE": "2"})
 
 
 def metric(report: dict, name: str) -> float:

@@ -93,14 +93,11 @@ def run_demo(url: str, codec: str = "int8", num_tokens: int = 1024, console: Con
 def run_vllm_demo(url: str, num_tokens: int = 2048, console: Console | None = None) -> bool:
     """Two vLLM engines (new processes) on SmolLM2: the first computes and stores a prompt's KV, the second loads
     it. Shows the TTFT of each, the tokens vLLM reports as cached, and that the answers are identical."""
-    import json
-    import os
-    import subprocess
-    import sys
     from pydoc_data.topics import topics
 
     from transformers import AutoTokenizer
 
+    from kvplug.integrations.vllm.runner import run_in_new_process
     from kvplug.models import smollm2_dir
 
     console = console or Console()
@@ -117,21 +114,10 @@ def run_vllm_demo(url: str, num_tokens: int = 2048, console: Console | None = No
         "prompts": [ids],
         "extra": {"store": url, "model_id": "kvplug-demo/SmolLM2-135M-Instruct", "tenant_salt": f"demo-{time.time()}"},
     }
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
     def engine(label: str) -> dict:
         with console.status(f"{label}: starting a vLLM engine (new process)"):
-            r = subprocess.run(
-                [sys.executable, "-m", "kvplug.integrations.vllm.runner", json.dumps(spec)],
-                capture_output=True,
-                text=True,
-                env=env,
-            )
-        for line in r.stdout.splitlines():
-            if line.startswith("KVPLUG-REPORT "):
-                return json.loads(line[len("KVPLUG-REPORT ") :])["outputs"][0]
-        console.print(r.stderr[-3000:])
-        raise RuntimeError(f"{label}: the engine failed")
+            return run_in_new_process(spec)["outputs"][0]
 
     cold, warm = engine("run 1 (computes and stores)"), engine("run 2 (loads)")
     t = Table(title=f"kvplug + vLLM {num_tokens}-token prompt, SmolLM2-135M (bf16, CPU), store {url}")

@@ -85,6 +85,7 @@ class RedisServer:
                     return self
             except redis.RedisError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()  # never leave a half-started server behind
                     raise RuntimeError(f"redis-server on port {self.port} did not start") from None
                 time.sleep(0.05)
 
@@ -121,30 +122,28 @@ class RedisClusterServers:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self, timeout: float = 30.0) -> RedisClusterServers:
+        try:
+            self._start(timeout)
+        except BaseException:
+            self.close()  # a failed start leaves no server behind
+            raise
+        return self
+
+    def _start(self, timeout: float) -> None:
         for node in self.nodes:
             node.start()
         cli = shutil.which("redis-cli")
         if not cli:
             raise RuntimeError("redis-cli is not on PATH")
+        create = [cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes]]
         subprocess.run(
-            [
-                cli,
-                "--cluster",
-                "create",
-                *[f"127.0.0.1:{n.port}" for n in self.nodes],
-                "--cluster-replicas",
-                "0",
-                "--cluster-yes",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=60,
+            [*create, "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             info = redis.Redis(port=self.nodes[0].port).cluster("info")
             if (info.get("cluster_state") if isinstance(info, dict) else None) == "ok":
-                return self
+                return
             time.sleep(0.1)
         raise RuntimeError("redis cluster did not reach state ok")
 

@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from typing import Any
+
+from kvplug.integrations.vllm.runner import run_in_new_process
 
 
 def engine(spec: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run(
-        [sys.executable, "-m", "kvplug.integrations.vllm.runner", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    for line in r.stdout.splitlines():
-        if line.startswith("KVPLUG-REPORT "):
-            return json.loads(line[len("KVPLUG-REPORT ") :])
-    raise AssertionError(f"engine run failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}")
+    try:
+        return run_in_new_process(spec, timeout=timeout)
+    except RuntimeError as e:
+        raise AssertionError(str(e)) from None
 
 
 def metric(report: dict[str, Any], name: str, **labels: str) -> float:

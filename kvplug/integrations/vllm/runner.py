@@ -8,16 +8,37 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Any
 
+REPORT_PREFIX = "KVPLUG-REPORT "
+ENGINE_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def run_in_new_process(
+    spec: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 1200
+) -> dict[str, Any]:
+    """Run one engine per ``spec`` in a new Python process; returns its report (raises with its stderr on failure)."""
+    full_env = {**os.environ, **ENGINE_ENV, **(env or {})}
+    r = subprocess.run(
+        [sys.executable, "-m", "kvplug.integrations.vllm.runner", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+    for line in r.stdout.splitlines():
+        if line.startswith(REPORT_PREFIX):
+            return json.loads(line[len(REPORT_PREFIX) :])
+    raise RuntimeError(f"engine run failed (rc {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}")
+
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
     os.environ.update(spec.get("env", {}))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    for k, v in ENGINE_ENV.items():
+        os.environ.setdefault(k, v)
     from prometheus_client import REGISTRY
     from vllm import LLM, SamplingParams
 
@@ -88,4 +109,4 @@ def _connector(llm: Any) -> Any:
 
 if __name__ == "__main__":
     report = run(json.loads(sys.argv[1]))
-    print("KVPLUG-REPORT " + json.dumps(report))
+    print(REPORT_PREFIX + json.dumps(report))
