@@ -245,3 +245,15 @@ def test_preempted_requests_load_again_when_resumed(smollm2, prompts, stored):
     first_loads = CHUNK + 2 * CHUNK - 32
     assert metric(r, "kvplug_connector_loaded_tokens_total", engine="vllm") > first_loads  # reloaded after resume
     assert metric(r, "kvplug_connector_errors_total", engine="vllm", kind="load_miss") == 0
+
+
+def test_save_decode_serves_the_next_turn(smollm2, prompts, tmp_path):
+    """With save_decode, chunks completed by generated tokens are stored: a follow-up prompt that contains the
+    first answer (a chat's next turn) loads them too."""
+    store = {"store": f"file://{tmp_path}/d", "save_decode": True}
+    first = engine({"model": smollm2, "prompts": [prompts[1]], "max_tokens": 240, "extra": store})
+    turn2 = prompts[1] + tokens(first)[0] + prompts[0][:40]  # 300 + 240 + 40 = 580 tokens
+    assert metric(first, "kvplug_connector_saved_tokens_total", engine="vllm") == 2 * CHUNK  # prompt + answer
+    base = engine({"model": smollm2, "prompts": [turn2], "connector": False})
+    r = engine({"model": smollm2, "prompts": [turn2], "extra": store})
+    assert cached(r) == [2 * CHUNK] and tokens(r) == tokens(base)
