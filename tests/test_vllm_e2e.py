@@ -257,3 +257,19 @@ def test_save_decode_serves_the_next_turn(smollm2, prompts, tmp_path):
     base = engine({"model": smollm2, "prompts": [turn2], "connector": False})
     r = engine({"model": smollm2, "prompts": [turn2], "extra": store})
     assert cached(r) == [2 * CHUNK] and tokens(r) == tokens(base)
+
+
+def test_chunked_prefill_saves_as_chunks_complete(smollm2, tmp_path):
+    """A 1,100-token prompt with a 320-token step budget is prefilled over 4 steps: chunks are saved as they complete
+    (block lists grow step by step), and a new engine, also prefilling in steps, loads 4 chunks."""
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(smollm2)(topics["class"] * 3).input_ids[:1100]
+    spec = {"model": smollm2, "prompts": [prompt], "max_num_batched_tokens": 320, "max_tokens": 8}
+    base = engine({**spec, "connector": False})
+    first = engine({**spec, "extra": {"store": f"file://{tmp_path}/c"}})
+    assert metric(first, "kvplug_connector_saved_tokens_total", engine="vllm") == 4 * CHUNK
+    r = engine({**spec, "extra": {"store": f"file://{tmp_path}/c"}})
+    assert cached(r) == [4 * CHUNK] and tokens(r) == tokens(base) == tokens(first)
