@@ -4,13 +4,12 @@ blocks). A hit in a lower tier is promoted to the tiers above it."""
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterator, Sequence
 
 from kvplug.connectors.base import ChunkStore, StoreStats, Value
+from kvplug.worker import BoundedWorker
 
-_Job = tuple[tuple[int, ...], list[tuple[str, Value]]] | None
+_Job = tuple[tuple[int, ...], list[tuple[str, Value]]]
 
 
 class TieredStore(ChunkStore):
@@ -22,48 +21,22 @@ class TieredStore(ChunkStore):
         super().__init__(name)
         if not tiers:
             raise ValueError("tiered store: needs at least one tier")
-        if queue_size < 1:
-            raise ValueError("tiered store: queue_size must be >= 1")
         self.tiers = list(tiers)
         self.promote = promote
-        self._q: queue.Queue[_Job] = queue.Queue(maxsize=queue_size)
-        self._worker: threading.Thread | None = None
-        if len(self.tiers) > 1:
-            self._worker = threading.Thread(target=self._drain, name="kvplug-writeback", daemon=True)
-            self._worker.start()
+        self._writeback: BoundedWorker[_Job] = BoundedWorker("kvplug-writeback", self._write_back, queue_size)
 
-    def _drain(self) -> None:
-        while True:
-            job = self._q.get()
-            try:
-                if job is None:
-                    return
-                tier_ids, items = job
-                for i in tier_ids:
-                    self.tiers[i].put_many(items)  # never raises on backend failure (counted by the tier)
-            finally:
-                self._q.task_done()
+    def _write_back(self, job: _Job) -> None:
+        tier_ids, items = job
+        for i in tier_ids:
+            self.tiers[i].put_many(items)  # never raises on backend failure (counted by the tier)
 
     def _enqueue(self, tier_ids: tuple[int, ...], items: list[tuple[str, Value]]) -> None:
-        if not tier_ids or not items:
-            return
-        try:
-            self._q.put_nowait((tier_ids, items))
-        except queue.Full:
+        if tier_ids and items and not self._writeback.submit((tier_ids, items)):
             self.count("queue_drops", len(items))
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until queued write-backs are done; returns False on timeout."""
-        if self._worker is None:
-            return True
-        done = threading.Event()
-
-        def waiter() -> None:
-            self._q.join()
-            done.set()
-
-        threading.Thread(target=waiter, daemon=True).start()
-        return done.wait(timeout)
+        return self._writeback.flush(timeout)
 
     def _exists_many(self, keys: list[str]) -> list[bool]:
         found = [False] * len(keys)
@@ -116,9 +89,6 @@ class TieredStore(ChunkStore):
         return s
 
     def _close(self) -> None:
-        if self._worker is not None:
-            self.flush(timeout=10.0)
-            self._q.put(None)
-            self._worker.join(timeout=5.0)
+        self._writeback.close(timeout=10.0)
         for tier in self.tiers:
             tier.close()

@@ -20,7 +20,6 @@ Per request (``SamplingParams(extra_args={"kv_transfer_params": {...}})`` or the
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ from kvplug.errors import ConfigError
 from kvplug.integrations.vllm.layouts import LayoutAdapter, adapter_for, token_slots
 from kvplug.integrations.vllm.stats import FIELDS as STAT_FIELDS
 from kvplug.integrations.vllm.stats import KVPlugPromMetrics, KVPlugStats
+from kvplug.worker import BoundedWorker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -171,10 +171,9 @@ class KVPlugConnector(KVConnectorBase_V1):
         self._kv_caches: list[torch.Tensor] = []
         self._adapter: LayoutAdapter | None = None
         self._load_errors: set[int] = set()
-        self._save_q: queue.Queue[tuple[KVCache, list[tuple[Chunk, torch.Tensor]]] | None] = queue.Queue(
-            maxsize=self.config.write_queue_size
+        self._saver: BoundedWorker[tuple[KVCache, list[tuple[Chunk, torch.Tensor]]]] = BoundedWorker(
+            "kvplug-vllm-save", self._save, self.config.write_queue_size
         )
-        self._saver: threading.Thread | None = None
         self._stats = dict.fromkeys(STAT_FIELDS, 0)
         self._stats_lock = threading.Lock()
         log.info(
@@ -425,44 +424,33 @@ class KVPlugConnector(KVConnectorBase_V1):
             self._enqueue_save(cache, pairs)
 
     def _enqueue_save(self, cache: KVCache, pairs: list[tuple[Chunk, torch.Tensor]]) -> None:
-        if self._saver is None:
-            self._saver = threading.Thread(target=self._save_loop, name="kvplug-vllm-save", daemon=True)
-            self._saver.start()
-        try:
-            self._save_q.put_nowait((cache, pairs))
-        except queue.Full:
+        if not self._saver.submit((cache, pairs)):
             metrics.CONNECTOR_ERRORS.labels(ENGINE, "save_queue_full").inc()
             self._record(save_errors=len(pairs))
 
-    def _save_loop(self) -> None:
-        while True:
-            job = self._save_q.get()
-            try:
-                if job is None:
-                    return
-                cache, pairs = job
-                t0 = time.perf_counter()
-                stored = cache.put_chunks(pairs)
-                if stored < len(pairs):
-                    metrics.CONNECTOR_ERRORS.labels(ENGINE, "save_failed").inc(len(pairs) - stored)
-                saved = sum(c.num_tokens for c, _ in pairs) if stored == len(pairs) else 0
-                seconds = time.perf_counter() - t0
-                metrics.CONNECTOR_SAVED_TOKENS.labels(ENGINE).inc(saved)
-                metrics.CONNECTOR_SAVE_SECONDS.labels(ENGINE).observe(seconds)
-                self._record(saved_tokens=saved, save_seconds=seconds, save_errors=len(pairs) - stored)
-            except Exception:  # noqa: BLE001 - a failed save is a future miss, never an engine crash
-                log.exception("kvplug: saving chunks failed")
-                metrics.CONNECTOR_ERRORS.labels(ENGINE, "save_exception").inc()
-            finally:
-                self._save_q.task_done()
+    def _save(self, job: tuple[KVCache, list[tuple[Chunk, torch.Tensor]]]) -> None:
+        """On the background thread: encode and store; a failure is a future miss, never an engine crash."""
+        cache, pairs = job
+        t0 = time.perf_counter()
+        try:
+            stored = cache.put_chunks(pairs)
+        except Exception:
+            metrics.CONNECTOR_ERRORS.labels(ENGINE, "save_exception").inc()
+            self._record(save_errors=len(pairs))
+            raise
+        if stored < len(pairs):
+            metrics.CONNECTOR_ERRORS.labels(ENGINE, "save_failed").inc(len(pairs) - stored)
+        saved = sum(c.num_tokens for c, _ in pairs) if stored == len(pairs) else 0
+        seconds = time.perf_counter() - t0
+        metrics.CONNECTOR_SAVED_TOKENS.labels(ENGINE).inc(saved)
+        metrics.CONNECTOR_SAVE_SECONDS.labels(ENGINE).observe(seconds)
+        self._record(saved_tokens=saved, save_seconds=seconds, save_errors=len(pairs) - stored)
 
     def flush_saves(self, timeout: float = 30.0) -> bool:
         """Wait until queued saves are stored (tests, shutdown)."""
         deadline = time.monotonic() + timeout
-        while self._save_q.unfinished_tasks:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.01)
+        if not self._saver.flush(timeout):
+            return False
         flush = getattr(self.store, "flush", None)
         return bool(flush(max(0.0, deadline - time.monotonic()))) if flush else True
 
@@ -498,8 +486,5 @@ class KVPlugConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
-        if self._saver is not None:
-            self.flush_saves(timeout=30.0)
-            self._save_q.put(None)
-            self._saver.join(timeout=5.0)
-            self._saver = None
+        self.flush_saves(timeout=30.0)
+        self._saver.close()
