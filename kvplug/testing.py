@@ -111,8 +111,12 @@ class RedisClusterServers:
     """``n`` cluster-enabled masters on free ports, joined with ``redis-cli --cluster create``."""
 
     def __init__(self, n: int = 3) -> None:
+        # a cluster node also listens on port + 10000 (the cluster bus): pick ports where both are free
         self.nodes = [
-            RedisServer(args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]) for _ in range(n)
+            RedisServer(
+                free_port(cluster_bus=True), args=["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+            )
+            for _ in range(n)
         ]
         for node in self.nodes:
             node.args += ["--cluster-config-file", str(node.dir / "nodes.conf")]
