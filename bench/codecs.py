@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from kvplug.bench.codec_bench import bench_codecs
+from kvplug.bench.report import emit_table
 from kvplug.models import real_kv
 
 
@@ -36,11 +37,7 @@ def main() -> None:
             f"| `{r.codec}` | {r.ratio:.2f}x | {r.rel_l2:.4f} | {r.k_rel_l2:.4f} | {r.v_rel_l2:.4f} | "
             f"{r.max_abs:.3f} | {r.encode_gbps:.2f} | {r.decode_gbps:.2f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

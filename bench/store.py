@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from kvplug.bench.report import emit_table
 from kvplug.bench.store_bench import bench_store
 from kvplug.testing import RedisServer
 
@@ -53,11 +54,7 @@ def main() -> None:
             f"| {r.get_gbps:.2f} | {r.raw_get_gbps:.2f} | {r.get_ratio:.2f}x | {r.overhead_us('put'):.0f} "
             f"| {r.overhead_us('get'):.0f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    emit_table(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from kvplug.bench.report import emit_table
 from kvplug.integrations.vllm.runner import run_in_new_process
 from kvplug.testing import RedisServer
 
@@ -112,11 +113,7 @@ def main() -> None:
     for name, vals in bw.items():
         tps = statistics.median(vals)
         lines.append(f"- {name}: {tps:,.0f} tokens/s = {tps * BYTES_PER_TOKEN_BF16 / 1e9:.2f} GB/s of bf16 KV")
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+    emit_table(lines, args.out)
 
 
 def _vllm() -> str:

@@ -70,10 +70,9 @@ class KVCache:
         if skip_existing and chunks:
             present = self.store.exists_many([c.prefix_key for c in chunks])
             chunks = [c for c, p in zip(chunks, present, strict=True) if not p]
-        items = [(c.prefix_key, self.codec.encode(kv[:, :, c.start : c.end], key=c.prefix_key)) for c in chunks]
-        return self.store.put_many(items)
+        return self.put_chunks([(c, kv[:, :, c.start : c.end]) for c in chunks])
 
-    def put_chunks(self, pairs: Sequence[tuple[Chunk, torch.Tensor]], blend: bool = False) -> int:
+    def put_chunks(self, pairs: Sequence[tuple[Chunk, torch.Tensor]]) -> int:
         """Encode and store given chunks (``[L, 2, chunk_tokens, H, D]`` each); returns how many were stored."""
         items = []
         for c, kv in pairs:
@@ -82,8 +81,7 @@ class KVCache:
                     f"chunk {c.index}: kv {tuple(kv.shape)} {kv.dtype}, expected "
                     f"{self.chunk_shape(c.num_tokens)} {self.dtype}"
                 )
-            key = c.blend_key if blend else c.prefix_key
-            items.append((key, self.codec.encode(kv, key=key)))
+            items.append((c.prefix_key, self.codec.encode(kv, key=c.prefix_key)))
         return self.store.put_many(items)
 
     def get(self, tokens: Tokens, num_chunks: int | None = None) -> list[torch.Tensor | None]:
@@ -91,8 +89,8 @@ class KVCache:
         chunks = self.chunks(tokens)[:num_chunks]
         return self.get_chunks(chunks)
 
-    def get_chunks(self, chunks: Sequence[Chunk], blend: bool = False) -> list[torch.Tensor | None]:
-        keys = [c.blend_key if blend else c.prefix_key for c in chunks]
+    def get_chunks(self, chunks: Sequence[Chunk]) -> list[torch.Tensor | None]:
+        keys = [c.prefix_key for c in chunks]
         payloads = self.store.get_many(keys)
         out: list[torch.Tensor | None] = []
         bad: list[str] = []

@@ -10,7 +10,6 @@ import time
 from dataclasses import replace
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -86,7 +85,6 @@ def run_demo(url: str, codec: str = "int8", num_tokens: int = 1024, console: Con
     for name, result, ok in checks:
         t.add_row(name, result, "[green]yes" if ok else "[red]NO")
     console.print(t)
-    torch.set_printoptions()
     return all(ok for _, _, ok in checks)
 
 
