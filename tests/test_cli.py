@@ -82,3 +82,13 @@ def test_demo(tmp_path):
     r = runner.invoke(app, ["demo", "--store-only", "--store", f"file://{tmp_path}/demo", "--tokens", "512"])
     assert r.exit_code == 0, r.output
     assert "NO" not in r.output and "512 of 512 tokens" in r.output
+
+
+def test_doctor_reports_an_untested_sglang(tmp_path, monkeypatch):
+    import kvplug.cli as cli
+
+    real = cli._version
+    monkeypatch.setattr(cli, "_version", lambda d: "0.5.22" if d == "sglang" else real(d))
+    r = runner.invoke(app, ["doctor", "--store", f"file://{tmp_path}/s"])
+    line = next(ln for ln in r.output.splitlines() if "sglang" in ln)
+    assert "0.5.22" in line and "tested: 0.5.23" in line and "untested version" in line
