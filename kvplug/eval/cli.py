@@ -1,0 +1,87 @@
+"""``kvplug eval run`` (resumable, with a progress bar) and ``kvplug eval report`` (table + plot)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from kvplug.eval.harness import DEFAULT_METHODS, RATIOS, Results, RunConfig, Suite, build_samples, plan
+
+app = typer.Typer(help="Evaluate KV methods on real models (needle, multi-key, multi-value, QA, perplexity).")
+console = Console()
+
+
+def _split(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+@app.command("run")
+def run(
+    model: Annotated[str, typer.Option(help="smollm2 or gemma3")] = "smollm2",
+    suite: Annotated[str, typer.Option(help="full or smoke")] = "full",
+    methods: Annotated[str, typer.Option(help="comma-separated specs, e.g. snapkv,kivi?bits=2,snapkv+kivi")] = ",".join(
+        DEFAULT_METHODS
+    ),
+    ratios: Annotated[str, typer.Option(help="compression ratios (fraction removed)")] = ",".join(map(str, RATIOS)),
+    tasks: Annotated[str, typer.Option(help="needle,multikey,multivalue,qa,ppl")] = "needle,multikey,multivalue,qa,ppl",
+    results: Annotated[Path, typer.Option(help="JSONL file; rows already there are skipped (resume)")] = Path(
+        "bench-results/methods.jsonl"
+    ),
+    query_aware: Annotated[
+        bool, typer.Option("--query-aware/--query-agnostic", help="compress the question with the context or not")
+    ] = True,
+) -> None:
+    """Run the harness; rows are appended to ``--results`` as they finish."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvplug import methods as registry
+    from kvplug.eval.harness import evaluate, parse_method
+    from kvplug.models import model_dir
+
+    specs = _split(methods)
+    ratio_list = [float(r) for r in _split(ratios)]
+    for spec in specs:  # fail before loading the model on a typo
+        parse_method(spec, ratio_list[0] if ratio_list else 0.5)
+    base = Suite.smoke() if suite == "smoke" else Suite()
+    if suite not in ("smoke", "full"):
+        raise typer.BadParameter(f"suite must be full or smoke, got {suite!r}")
+    chosen = tuple(_split(tasks))
+    cfg = RunConfig(
+        model, specs, ratio_list, Suite(**{**base.__dict__, "tasks": chosen, "question_in_context": query_aware})
+    )
+    path = model_dir(model)
+    tok = AutoTokenizer.from_pretrained(path)
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    total = len(build_samples(tok, cfg.suite)) * len(plan(specs, ratio_list))
+    res = Results(results)
+    console.print(f"{model}: {len(registry.available())} methods registered; {total} rows, {len(res.rows)} on file")
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        t = bar.add_task(f"eval {model}", total=total)
+        evaluate(lm, tok, cfg, res, progress=lambda n=1: bar.advance(t, n))
+    console.print(f"results: {results}")
+
+
+@app.command("report")
+def report(
+    model: Annotated[str, typer.Option()] = "smollm2",
+    results: Annotated[Path, typer.Option()] = Path("bench-results/methods.jsonl"),
+    out: Annotated[Path, typer.Option(help="directory for methods-<model>.md/.csv/.png")] = Path("docs/results"),
+    ratios: Annotated[str, typer.Option()] = ",".join(map(str, RATIOS)),
+) -> None:
+    """Write the Markdown/CSV table and the quality-vs-compression plot."""
+    from kvplug.eval.report import write_report
+
+    res = Results(results)
+    path = write_report(res.rows, model, out, [float(r) for r in _split(ratios)])
+    console.print(f"wrote {path}")

@@ -1,0 +1,306 @@
+"""Apply any :mod:`kvplug.methods` method to a transformers (5.x) model: prefill compression, decode eviction.
+
+::
+
+    from kvplug import methods
+    from kvplug.integrations.hf import KVPress
+
+    press = KVPress(model, methods.get("snapkv", compression_ratio=0.5))
+    with press:
+        out = model.generate(**inputs, past_key_values=press.new_cache(), max_new_tokens=32)
+
+How it works: entering swaps the model's attention implementation for ``kvplug``, a thin wrapper around the
+one it had (sdpa or eager). During a prefill (a forward that starts from an empty cache) the wrapper records
+each full-attention layer's post-RoPE queries (the last ``method.query_window`` of them). When that forward
+returns, every full-attention layer's KV goes to ``method.compress`` as :class:`~kvplug.methods.LayerKV` (with
+the model's RoPE and softmax scale) and the cache layers are replaced by what the method kept; positions
+continue from the original length (:class:`~kvplug.integrations.hf.cache.PrunedLayer`). Pruned layers attend
+with their own mask (causal over new tokens, per-head visibility for methods whose heads keep different
+counts); sliding-window layers (Gemma-3's local layers) are never compressed. With ``decode=True`` and a method
+that supports it, every decode step evicts back to the budget with ``method.decode_select``.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvplug.integrations.hf.cache import PrunedLayer, layer_types, make_cache
+from kvplug.methods.base import DecodeState, Evictor, KVMethod, LayerKV, full_layer
+from kvplug.methods.rope import Rope
+
+IMPL = "kvplug"
+_ACTIVE: dict[int, KVPress] = {}  # id(model.config) of the text model -> press (attention looks it up)
+
+
+def _eager(module: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scaling: float) -> Tensor:
+    """Attention for pruned layers: ``q [B, Hq, Q, D]``, ``k, v [B, H, K, D]``, additive/bool ``mask``."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2).contiguous()
+
+
+def _pruned_mask(layer: PrunedLayer, q_len: int, groups: int, device: torch.device) -> Tensor | None:
+    """Bool mask ``[B, Hq, Q, K]``: held entries visible per ``keep``; the last ``Q`` entries causal."""
+    held = layer.held
+    if q_len == 1 and layer.keep is None:
+        return None
+    old = held - q_len
+    cols = torch.arange(held, device=device)
+    rows = torch.arange(q_len, device=device)
+    causal = (cols.view(1, -1) < old) | (cols.view(1, -1) - old <= rows.view(-1, 1))  # [Q, K]
+    mask = causal.view(1, 1, q_len, held)
+    if layer.keep is not None:
+        keep = layer.keep.to(device).repeat_interleave(groups, dim=1)  # [B, Hq, K]
+        mask = mask & keep.unsqueeze(2)
+    return mask
+
+
+def kvplug_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """The ``kvplug`` attention implementation (see the module docstring)."""
+    press = _ACTIVE.get(id(module.config))
+    if press is None:
+        raise RuntimeError("kvplug attention called outside a KVPress context")
+    return press.attend(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+AttentionInterface.register(IMPL, kvplug_attention)
+
+
+def rope_of(model: nn.Module, layer_type: str = "full_attention") -> Rope | None:
+    """The model's RoPE (inv_freq, attention scaling) for ``layer_type``, as methods expect it."""
+    base = getattr(model, "model", model)
+    base = getattr(base, "language_model", base)
+    rot = getattr(base, "rotary_emb", None)
+    if rot is None:
+        return None
+    inv = getattr(rot, f"{layer_type}_inv_freq", None)
+    scaling = getattr(rot, f"{layer_type}_attention_scaling", None)
+    if inv is None:
+        inv, scaling = getattr(rot, "inv_freq", None), getattr(rot, "attention_scaling", 1.0)
+    return None if inv is None else Rope(inv.detach().float().cpu(), float(scaling or 1.0))
+
+
+class KVPress:
+    """Context manager applying ``method`` to ``model`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: KVMethod | None,
+        prefill: bool = True,
+        decode: bool = False,
+        capture_all: bool = False,
+    ) -> None:
+        if decode and method is not None and not getattr(method, "supports_decode", False):
+            raise ValueError(f"{method.name} has no decode-time eviction")
+        self.model = model
+        self.method = method
+        self.prefill = prefill
+        self.decode = decode
+        self.capture_all = capture_all  # keep every prefill query (for compressed_copy with several methods)
+        self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.types = layer_types(model.config)
+        self.full_layers = [i for i, t in enumerate(self.types) if t == "full_attention"]
+        self.rope = rope_of(model)
+        self._queries: dict[int, Tensor] = {}
+        self._scaling: dict[int, float] = {}
+        self._cache: DynamicCache | None = None
+        self._capturing = False
+        self._decode_states: dict[int, DecodeState] = {}
+        self._prev_impl: str | None = None
+        self._hook: Any = None
+        self.last_compressed: list[Any] | None = None  # CompressedLayer per full layer, from the last prefill
+        self.prefilled: tuple[DynamicCache, dict, dict] | None = None  # the last prefill's cache, queries, scales
+
+    # -- context --------------------------------------------------------------------------------------------------
+    def new_cache(self) -> DynamicCache:
+        return make_cache(self.model.config)
+
+    def __enter__(self) -> KVPress:
+        impl = self.config._attn_implementation
+        if impl == IMPL:
+            raise RuntimeError("this model is already inside a KVPress")
+        self._prev_impl = impl
+        self._inner: Callable[..., Any] | None = None if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
+        ALL_MASK_ATTENTION_FUNCTIONS.register(IMPL, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+        _ACTIVE[id(self.config)] = self
+        self._set_impl(IMPL)
+        self._hook = self.model.register_forward_pre_hook(self._before, with_kwargs=True)
+        self._post = self.model.register_forward_hook(self._after, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hook.remove()
+        self._post.remove()
+        assert self._prev_impl is not None
+        self._set_impl(self._prev_impl)
+        _ACTIVE.pop(id(self.config), None)
+
+    def _set_impl(self, impl: str) -> None:
+        for cfg in {id(c): c for c in (self.model.config, self.config)}.values():
+            cfg._attn_implementation = impl
+
+    # -- forward hooks ----------------------------------------------------------------------------------------------
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, DynamicCache) or not any(isinstance(la, PrunedLayer) for la in cache.layers):
+            raise ValueError("KVPress needs a cache from press.new_cache(): pass past_key_values=press.new_cache()")
+        self._cache = cache
+        fresh = cache.get_seq_length() == 0
+        self._capturing = fresh and (self.capture_all or (self.prefill and self.method is not None))
+        if self._capturing:
+            self._queries.clear()
+            self._decode_states.clear()
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._capturing:
+            self._capturing = False
+            self.prefilled = (self._cache, dict(self._queries), dict(self._scaling))
+            if self.prefill and self.method is not None:
+                self.compress_cache()
+
+    def prefill_layers(self, dtype: torch.dtype | None = None, cache: DynamicCache | None = None) -> list[LayerKV]:
+        """The full-attention layers of ``cache`` (default: the current one) as :class:`LayerKV`, with the queries
+        captured by the last prefill."""
+        cache = cache if cache is not None else self._cache
+        assert cache is not None
+        layers = []
+        for i in self.full_layers:
+            la = cache.layers[i]
+            k, v = (la.keys, la.values) if dtype is None else (la.keys.to(dtype), la.values.to(dtype))
+            layers.append(
+                LayerKV(
+                    keys=k,
+                    values=v,
+                    queries=self._queries.get(i),
+                    layer_idx=len(layers),
+                    num_layers=len(self.full_layers),
+                    rope=self.rope,
+                    scaling=self._scaling.get(i),
+                )
+            )
+        return layers
+
+    def compressed_copy(self, method: KVMethod | None, dtype: torch.dtype | None = None) -> tuple[DynamicCache, list]:
+        """A new cache holding the current (captured, uncompressed) prefill compressed by ``method``: run one
+        prefill with ``capture_all=True``, then compare many methods on the same prompt. ``dtype`` casts the KV
+        handed to the method (e.g. bfloat16, as an engine stores it). Returns (cache, CompressedLayer list)."""
+        if self.prefilled is None:
+            raise RuntimeError("compressed_copy needs a prefill run with capture_all=True first")
+        source, self._queries, self._scaling = self.prefilled
+        layers = self.prefill_layers(dtype, source)
+        for la in layers:
+            w = method.query_window if method is not None else 0
+            if la.queries is not None and w is not None:
+                la.queries = la.queries[:, :, -w:, :] if w > 0 else None
+        out = method.compress(layers) if method is not None else [full_layer(la) for la in layers]
+        cache = self.new_cache()
+        for i, src in enumerate(source.layers):
+            if i in self.full_layers:
+                c = out[self.full_layers.index(i)]
+                dst = cache.layers[i]
+                dst.lazy_initialization(src.keys, src.values)
+                dst.replace(c.keys, c.values, c.keep)
+                dst.logical = src.get_seq_length()
+            else:
+                cache.layers[i] = copy.deepcopy(src)
+        return cache, out
+
+    # -- the work ----------------------------------------------------------------------------------------------------
+    def compress_cache(self) -> None:
+        """Compress every full-attention layer of the current cache with the method (end of prefill)."""
+        assert self._cache is not None and self.method is not None
+        out = self.method.compress(self.prefill_layers())
+        for i, c in zip(self.full_layers, out, strict=True):
+            self._cache.layers[i].replace(c.keys, c.values, c.keep)
+        self.last_compressed = out
+        self._queries.clear()
+
+    def attend(
+        self,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        scaling: float | None,
+        dropout: float,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        idx = module.layer_idx
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        layer = self._cache.layers[idx] if self._cache is not None else None
+        if self._capturing and isinstance(layer, PrunedLayer):
+            w = None if self.capture_all else (self.method.query_window if self.method is not None else 0)
+            if w is None or w > 0:
+                self._queries[idx] = (query if w is None else query[:, :, -w:, :]).detach()
+            self._scaling[idx] = scale
+        if isinstance(layer, PrunedLayer) and layer.pruned:
+            q_len = query.shape[-2]
+            if self.decode and q_len == 1:
+                key, value = self._evict(idx, layer, query, key, value, scale)
+            groups = query.shape[1] // key.shape[1]
+            mask = _pruned_mask(layer, q_len, groups, query.device)
+            return _eager(module, query, key, value, mask, scale), None
+        if self._inner is None:  # the model's own eager attention (Gemma's differs from Llama's)
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            return eager(module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
+        return self._inner(module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
+
+    def _evict(self, idx: int, layer: PrunedLayer, query: Tensor, key: Tensor, value: Tensor, scale: float):
+        method = self.method
+        assert isinstance(method, Evictor)
+        state = self._decode_states.get(idx)
+        if state is None:
+            prefill = None
+            if self.last_compressed is not None:
+                prefill = self.last_compressed[self.full_layers.index(idx)]
+            state = method.new_state(prefill=prefill)
+            self._decode_states[idx] = state
+        lk = LayerKV(keys=key, values=value, queries=query, layer_idx=idx, rope=self.rope, scaling=scale)
+        keep = method.decode_select(lk, state)  # [B, H, k] ascending
+        if keep.shape[-1] == key.shape[-2]:
+            return key, value
+        gather = keep.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+        k2, v2 = key.gather(2, gather), value.gather(2, gather)
+        layer.keys, layer.values = k2, v2
+        if layer.keep is not None:
+            layer.keep = layer.keep.gather(-1, keep)
+        return k2, v2
+
+
+def kv_bytes(cache: DynamicCache) -> int:
+    """Bytes the cache's tensors occupy now (all layers)."""
+    total = 0
+    for la in cache.layers:
+        if getattr(la, "is_initialized", False) and la.keys is not None and la.keys.numel():
+            total += la.keys.numel() * la.keys.element_size() + la.values.numel() * la.values.element_size()
+    return total
+
+
+def logical_tokens(cache: DynamicCache) -> int:
+    return max((la.get_seq_length() for la in cache.layers), default=0)
+
+
+__all__ = ["IMPL", "KVPress", "kv_bytes", "kvplug_attention", "logical_tokens", "rope_of"]
