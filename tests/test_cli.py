@@ -92,3 +92,10 @@ def test_doctor_reports_an_untested_sglang(tmp_path, monkeypatch):
     r = runner.invoke(app, ["doctor", "--store", f"file://{tmp_path}/s"])
     line = next(ln for ln in r.output.splitlines() if "sglang" in ln)
     assert "0.5.22" in line and "tested: 0.5.23" in line and "untested version" in line
+
+
+def test_eval_run_rejects_an_unknown_method_before_loading_a_model(tmp_path):
+    r = runner.invoke(app, ["eval", "run", "--methods", "snapkv,snapk", "--results", str(tmp_path / "r.jsonl")])
+    assert r.exit_code != 0
+    assert "snapk" in str(r.exception) and "snapkv" in str(r.exception)
+    assert not (tmp_path / "r.jsonl").exists()
