@@ -355,3 +355,70 @@ def test_plugin_register_is_idempotent():
     hooks = HookRegistry._hooks[target]
     assert len(hooks) == before + 1
     hooks.pop()
+
+
+def test_sglang_owned_keys_and_at_file_configs_are_accepted(tmp_path):
+    from kvplug.integrations.sglang import validate_server_args
+
+    extra = {
+        "backend_name": "kvplug",
+        "module_path": "kvplug.integrations.sglang.storage",
+        "class_name": "KVPlugHiCacheStorage",
+        "store": f"file://{tmp_path}/x",
+        "prefetch_threshold": 128,
+        "hicache_storage_pass_prefix_keys": True,
+        "file_storage_path": "/tmp/sglang-adds-this",
+    }
+    cfg = make_config(f"file://{tmp_path}/x")
+    cfg.extra_config.update(extra)
+    assert KVPlugHiCacheStorage(cfg) is not None
+
+    class Args:
+        hicache_storage_backend = "dynamic"
+
+    for name, text in (
+        ("c.json", json.dumps(extra)),
+        ("c.yaml", "\n".join(f"{k}: {json.dumps(v)}" for k, v in extra.items())),
+    ):
+        (tmp_path / name).write_text(text)
+        Args.hicache_storage_backend_extra_config = f"@{tmp_path / name}"
+        validate_server_args(Args)  # no error
+    (tmp_path / "bad.json").write_text(json.dumps({**extra, "codec": "int9"}))
+    Args.hicache_storage_backend_extra_config = f"@{tmp_path / 'bad.json'}"
+    with pytest.raises(ConfigError, match="int9"):
+        validate_server_args(Args)
+    # another dynamic backend (even one given as a file we cannot read) is not ours to judge
+    Args.hicache_storage_backend_extra_config = json.dumps({"backend_name": "x", "module_path": "m", "class_name": "C"})
+    validate_server_args(Args)
+    Args.hicache_storage_backend_extra_config = "@/nonexistent/other.json"
+    validate_server_args(Args)
+
+
+def test_fp8_kv_pools_only_take_byte_codecs(tmp_path):
+    pool = host_pool("page_first", page_size=PAGE, dtype=torch.uint8)  # SGLang keeps fp8 KV as uint8 bits
+    with pytest.raises(ConfigError, match="int8.*uint8"):
+        make_backend(f"file://{tmp_path}/l3", pool=pool, codec="int8")
+    backend, _ = make_backend(f"file://{tmp_path}/l3", pool=pool, codec="zstd")
+    keys = page_keys(1)
+    pool.get_data_page(0, flat=False).copy_(torch.randint(0, 255, pool.get_data_page(0, flat=False).shape))
+    want = pool.get_data_page(0).clone()
+    assert backend.batch_set_v1(keys, token_pages(pool, [0])) == [True]
+    assert backend.batch_get_v1(keys, token_pages(pool, [3])) == [True]
+    assert torch.equal(pool.get_data_page(3 * PAGE), want)
+
+
+def test_unusable_pools_are_refused_at_attach_and_errors_never_escape(tmp_path):
+    pool = host_pool("layer_first", page_size=PAGE)
+    pool.layout = "page_unified"  # SGLang's page accessors raise for it
+    with pytest.raises(ConfigError, match="no usable page accessors"):
+        make_backend(f"file://{tmp_path}/l3", pool=pool)
+
+    backend, pool = make_backend(f"file://{tmp_path}/l3")
+    with pytest.raises(ConfigError, match="v2 storage interface"):
+        backend.register_mem_host_pool_v2(pool, "mamba")
+    keys = page_keys(2)
+    fill(pool, [0, 1])
+    assert all(backend.batch_set_v1(keys, token_pages(pool, [0, 1])))
+    pool.layout = "broken-after-attach"  # every page access now raises inside SGLang's code
+    assert backend.batch_get_v1(keys, token_pages(pool, [2, 3])) == [False, False]
+    assert backend.batch_set_v1(page_keys(1, seed=3), token_pages(pool, [0])) == [False]

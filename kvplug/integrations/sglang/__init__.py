@@ -59,10 +59,14 @@ def validate_server_args(args: Any) -> None:
     raw = getattr(args, "hicache_storage_backend_extra_config", None)
     if not raw:
         return
+    if isinstance(raw, str) and STORAGE_MODULE not in raw and not raw.startswith("@"):
+        return  # another dynamic backend: not ours to judge
     try:
-        extra = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"--hicache-storage-backend-extra-config is not a JSON object: {e}") from None
+        extra = _load_extra_config(raw)
+    except (OSError, ValueError, TypeError) as e:
+        if isinstance(raw, str) and STORAGE_MODULE in raw:
+            raise ConfigError(f"--hicache-storage-backend-extra-config: cannot read it: {e}") from None
+        return  # SGLang reports its own parse errors
     if extra.get("module_path") != STORAGE_MODULE:
         return
     if extra.get("class_name") != STORAGE_CLASS:
@@ -72,6 +76,30 @@ def validate_server_args(args: Any) -> None:
 
     settings = parse_extra_config(extra)
     open_store(settings["store"]).close()  # URL syntax and options; does not need the server to be up
+
+
+def _load_extra_config(raw: Any) -> dict[str, Any]:
+    """The extra config as SGLang reads it: inline JSON, or ``@file`` (.json, .yaml/.yml, .toml)."""
+    if not isinstance(raw, str):
+        return dict(raw)
+    if not raw.startswith("@"):
+        return dict(json.loads(raw))
+    path = raw[1:]
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".json":
+        with open(path) as f:
+            return dict(json.load(f))
+    if ext in (".yaml", ".yml"):
+        import yaml
+
+        with open(path) as f:
+            return dict(yaml.safe_load(f) or {})
+    if ext == ".toml":
+        import tomllib
+
+        with open(path, "rb") as f:
+            return dict(tomllib.load(f))
+    raise ValueError(f"unsupported config file {path}")
 
 
 def _check_server_args_hook(*args: Any, **kwargs: Any) -> None:

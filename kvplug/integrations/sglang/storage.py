@@ -37,8 +37,25 @@ from kvplug.integrations.sglang.pages import PageGeometry, geometry_of
 
 log = logging.getLogger("kvplug.sglang")
 
-#: Keys of the extra config that SGLang itself reads (passed through untouched).
-SGLANG_KEYS = frozenset({"backend_name", "module_path", "class_name", "interface_v1", "allocator"})
+#: Keys of the extra config that SGLang itself reads or adds (passed through untouched). SGLang pops the
+#: prefetch_* / pass-prefix / tp_lcm_size keys before the backend sees the config, and adds file_storage_path.
+SGLANG_KEYS = frozenset(
+    {
+        "backend_name",
+        "module_path",
+        "class_name",
+        "interface_v1",
+        "allocator",
+        "prefetch_threshold",
+        "prefetch_timeout_base",
+        "prefetch_timeout_per_ki_token",
+        "hicache_storage_pass_prefix_keys",
+        "tp_lcm_size",
+        "file_storage_path",
+    }
+)
+#: KV dtypes the quantizing codecs understand (an fp8 KV cache sits in the host pool as uint8 bit patterns).
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Keys kvplug reads. Anything else is a typo and an error.
 KVPLUG_KEYS = frozenset({"store", "codec", "codec_params", "model_id", "tenant_salt", "skip_existing"})
 #: Codecs that need the canonical ``[layers, 2, tokens, heads, dim]`` layout (quantizers).
@@ -96,15 +113,32 @@ class KVPlugHiCacheStorage(HiCacheStorage):
     # ---- set-up --------------------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
         super().register_mem_pool_host(mem_pool_host)
+        try:  # some pools (page_unified, asymmetric K/V, MXFP8) have no page accessors: refuse now, not per batch
+            mem_pool_host.get_data_page(0, flat=True)
+        except Exception as e:  # noqa: BLE001 - any failure here means the pool cannot be served
+            raise ConfigError(
+                f"kvplug HiCache backend: host pool {type(mem_pool_host).__name__} "
+                f"({getattr(mem_pool_host, 'layout', '?')}) has no usable page accessors: {e}"
+            ) from e
         self.bind_geometry(geometry_of(mem_pool_host))
+        cfg = self.config
+        # With decode context parallelism the controller steps host indices by the logical page size.
+        self._index_step = int(cfg.logical_page_size or 0) or self.geometry.page_size  # type: ignore[union-attr]
+
+    def register_mem_host_pool_v2(self, host_pool: Any, host_pool_name: Any) -> None:
+        raise ConfigError(
+            f"kvplug HiCache backend: hybrid models (side pool {host_pool_name!r}) need the v2 storage interface, "
+            "which kvplug does not implement yet"
+        )
 
     def bind_geometry(self, geometry: PageGeometry) -> None:
         """Fix the page geometry (from the host pool) and with it the namespace every key is derived from."""
         cfg, s = self.config, self.settings
-        if not geometry.canonical and s["codec"] not in _BYTE_CODECS:
+        if s["codec"] not in _BYTE_CODECS and (not geometry.canonical or geometry.dtype not in _FLOAT_DTYPES):
             raise ConfigError(
-                f"kvplug HiCache backend: codec {s['codec']!r} needs an MHA host pool in a known layout; "
-                f"this pool is {geometry.pool_class} ({geometry.layout}): use one of {list(_BYTE_CODECS)}"
+                f"kvplug HiCache backend: codec {s['codec']!r} needs an MHA host pool in a known layout holding "
+                f"float16/bfloat16/float32 KV; this pool is {geometry.pool_class} ({geometry.layout}, "
+                f"{geometry.dtype}): use one of {list(_BYTE_CODECS)}"
             )
         mla = bool(cfg.is_mla_model)
         dtype = str(geometry.dtype).removeprefix("torch.")
@@ -164,7 +198,8 @@ class KVPlugHiCacheStorage(HiCacheStorage):
         try:
             return self.codec.decode(payload, key=skey, shape=self._stored_shape(), dtype=g.dtype)
         except PayloadError as e:
-            self.payload_errors[e.kind] = self.payload_errors.get(e.kind, 0) + 1
+            with self._lock:
+                self.payload_errors[e.kind] = self.payload_errors.get(e.kind, 0) + 1
             metrics.PAYLOAD_ERRORS.labels(e.kind).inc()
             log.warning("kvplug: refused stored page %s… (%s); treated as a miss", skey[:12], e)
             self.store.delete([skey])
@@ -211,6 +246,13 @@ class KVPlugHiCacheStorage(HiCacheStorage):
     def batch_get(
         self, keys: list[str], target_locations: Any | None = None, target_sizes: Any | None = None
     ) -> list[torch.Tensor | None]:
+        try:
+            return self._batch_get(keys, target_locations)
+        except Exception as e:  # noqa: BLE001
+            self._failed("get", e)
+            return [None] * len(keys)
+
+    def _batch_get(self, keys: list[str], target_locations: Any | None) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
         targets = list(target_locations) if target_locations is not None else [None] * len(keys)
         for (_, page), target in zip(self._fetch(keys), targets, strict=True):
@@ -242,7 +284,13 @@ class KVPlugHiCacheStorage(HiCacheStorage):
     ) -> bool:
         if values is None or len(values) != len(keys):
             raise ValueError(f"batch_set: {len(keys)} keys but {0 if values is None else len(values)} values")
-        return all(self._write(keys, list(values)))
+        try:
+            ok = self._write(keys, list(values))
+        except Exception as e:  # noqa: BLE001
+            self._failed("save", e)
+            return False
+        self._note("backup", sum(ok), 0, 0.0)
+        return all(ok)
 
     def exists(self, key: str) -> bool:
         return self.store.exists_many([self.store_key(key)])[0]
@@ -253,12 +301,23 @@ class KVPlugHiCacheStorage(HiCacheStorage):
 
     # ---- the zero-copy v1 interface (``"interface_v1": 1``): pages move straight to/from the host pool -----
     def _page_index(self, host_indices: torch.Tensor, i: int) -> int:
-        assert self.geometry is not None
-        return int(host_indices[i * self.geometry.page_size].item())
+        return int(host_indices[i * self._index_step].item())
+
+    def _failed(self, op: str, e: BaseException) -> None:
+        """An unexpected error inside a storage call: logged and counted, never raised into SGLang's threads."""
+        log.warning("kvplug HiCache backend: %s failed (%s: %s); treated as a miss", op, type(e).__name__, e)
+        metrics.CONNECTOR_ERRORS.labels("sglang", op).inc()
 
     def batch_get_v1(
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
     ) -> list[bool]:
+        try:
+            return self._batch_get_v1(keys, host_indices)
+        except Exception as e:  # noqa: BLE001
+            self._failed("get", e)
+            return [False] * len(keys)
+
+    def _batch_get_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
         t0 = time.perf_counter()
         pool = self.mem_pool_host
         g = self.geometry
@@ -266,8 +325,8 @@ class KVPlugHiCacheStorage(HiCacheStorage):
         results: list[bool] = []
         nbytes = 0
         for i, (_, page) in enumerate(self._fetch(keys)):
-            if page is None:
-                results.append(False)
+            if page is None or (results and not results[-1]):
+                results.append(False)  # SGLang uses the leading run of hits only: stop copying after a miss
                 continue
             index = self._page_index(host_indices, i)
             if g.canonical:
@@ -282,6 +341,13 @@ class KVPlugHiCacheStorage(HiCacheStorage):
     def batch_set_v1(
         self, keys: list[str], host_indices: torch.Tensor, extra_info: HiCacheStorageExtraInfo | None = None
     ) -> list[bool]:
+        try:
+            return self._batch_set_v1(keys, host_indices)
+        except Exception as e:  # noqa: BLE001
+            self._failed("save", e)
+            return [False] * len(keys)
+
+    def _batch_set_v1(self, keys: list[str], host_indices: torch.Tensor) -> list[bool]:
         pool = self.mem_pool_host
         g = self.geometry
         assert g is not None
