@@ -10,6 +10,7 @@ the same sample, same run). Rows go to a JSONL file as they finish, so an interr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -157,15 +158,20 @@ class Results:
 
     @staticmethod
     def key(r: dict[str, Any]) -> tuple:
-        return (r["model"], r["task"], r["sid"], r["method"], r["ratio"])
+        return (r["model"], r.get("setting", DEFAULT_SETTING), r["task"], r["sid"], r["method"], r["ratio"])
 
     def done(self, **k: Any) -> bool:
-        return (k["model"], k["task"], k["sid"], k["method"], k["ratio"]) in self._keys
+        return self.key(k) in self._keys
 
     def add(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        with self.path.open("a+b") as f:  # a line cut by an interrupted run must not swallow this one
+            f.seek(0, 2)
+            if f.tell():
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+            f.write(json.dumps(row).encode() + b"\n")
         self.rows.append(row)
         self._keys.add(self.key(row))
 
@@ -196,6 +202,20 @@ class RunConfig:
     suite: Suite = Suite()
     kv_dtype: torch.dtype = torch.bfloat16
 
+    @property
+    def setting(self) -> str:
+        """What makes rows comparable: the suite and the KV dtype (part of the resume key and of each row)."""
+        return setting_of(self.suite, self.kv_dtype)
+
+
+def setting_of(suite: Suite, kv_dtype: torch.dtype) -> str:
+    body = json.dumps({**asdict(suite), "kv_dtype": str(kv_dtype)}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()[:12]
+
+
+#: Rows written before settings were recorded ran the default suite with bfloat16 KV.
+DEFAULT_SETTING = setting_of(Suite(), torch.bfloat16)
+
 
 @torch.no_grad()
 def evaluate(
@@ -214,7 +234,7 @@ def evaluate(
         todo = [
             (m, r)
             for m, r in pairs
-            if not results.done(model=cfg.model_name, task=s.task, sid=s.sid, method=m, ratio=r)
+            if not results.done(model=cfg.model_name, setting=cfg.setting, task=s.task, sid=s.sid, method=m, ratio=r)
         ]
         if not todo:
             if progress:
@@ -245,13 +265,14 @@ def evaluate(
                 t1 = time.perf_counter()
                 cache, out = press.compressed_copy(method, dtype=cfg.kv_dtype)
                 compress_s = time.perf_counter() - t1
-                mean_lp, exact, nll = score_answer(model, cache, n, q_ids, a_ids)
                 kv = sum(c.nbytes for c in out) + _sliding_bytes(cache, press.full_layers, cfg.kv_dtype)
+                mean_lp, exact, nll = score_answer(model, cache, n, q_ids, a_ids)
                 if full_bytes is None:
                     full_bytes = _full_bytes(press, cfg.kv_dtype)
                 results.add(
                     {
                         "model": cfg.model_name,
+                        "setting": cfg.setting,
                         "task": s.task,
                         "sid": s.sid,
                         "method": m,
@@ -307,10 +328,13 @@ class Cell:
 
 
 def aggregate(rows: Iterable[dict[str, Any]], model: str | None = None) -> list[Cell]:
+    """Cells per (method, ratio, task) for one model; rows of different settings are never mixed."""
+    rows = [r for r in rows if model is None or r["model"] == model]
+    settings = {r.get("setting", DEFAULT_SETTING) for r in rows}
+    if len(settings) > 1:
+        raise ValueError(f"results mix {len(settings)} settings ({sorted(settings)}): use one results file per run")
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        if model is not None and r["model"] != model:
-            continue
         groups.setdefault((r["method"], r["ratio"], r["task"]), []).append(r)
     cells = []
     for (m, ratio, task), rs in groups.items():

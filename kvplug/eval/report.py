@@ -58,7 +58,7 @@ def markdown_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     head += ["KV kept", "prefill time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["method"] + ("" if r["ratio"] is not None or r["method"] == "full" else " (quantizer)")]
+        cells = [r["method"] + ("" if r["ratio"] is not None or r["method"] == "full" else " (own setting)")]
         cells += [f"{r[t]:.0f}" if t in r else "-" for t in score]
         cells.append(f"{r['needle_lp']:.3f}" if "needle_lp" in r else "-")
         if "ppl" in tasks:

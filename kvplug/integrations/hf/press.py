@@ -34,7 +34,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvplug.integrations.hf.cache import PrunedLayer, layer_types, make_cache
-from kvplug.methods.base import DecodeState, Evictor, KVMethod, LayerKV, full_layer
+from kvplug.methods.base import DecodeState, KVMethod, LayerKV, full_layer
 from kvplug.methods.rope import Rope
 
 IMPL = "kvplug"
@@ -112,8 +112,10 @@ class KVPress:
         decode: bool = False,
         capture_all: bool = False,
     ) -> None:
-        if decode and method is not None and not getattr(method, "supports_decode", False):
-            raise ValueError(f"{method.name} has no decode-time eviction")
+        if decode and (method is None or not getattr(method, "supports_decode", False)):
+            raise ValueError(f"{getattr(method, 'name', None)} has no decode-time eviction")
+        if decode and not prefill:
+            raise ValueError("decode eviction starts from the prefill's compression: use prefill=True")
         self.model = model
         self.method = method
         self.prefill = prefill
@@ -166,6 +168,9 @@ class KVPress:
         cache = kwargs.get("past_key_values")
         if not isinstance(cache, DynamicCache) or not any(isinstance(la, PrunedLayer) for la in cache.layers):
             raise ValueError("KVPress needs a cache from press.new_cache(): pass past_key_values=press.new_cache()")
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError("KVPress does not support padded batches (attention_mask with zeros)")
         self._cache = cache
         fresh = cache.get_seq_length() == 0
         self._capturing = fresh and (self.capture_all or (self.prefill and self.method is not None))
@@ -208,6 +213,10 @@ class KVPress:
         handed to the method (e.g. bfloat16, as an engine stores it). Returns (cache, CompressedLayer list)."""
         if self.prefilled is None:
             raise RuntimeError("compressed_copy needs a prefill run with capture_all=True first")
+        if self.prefill and self.method is not None:
+            raise RuntimeError(
+                "compressed_copy needs an uncompressed prefill: use KVPress(model, None, capture_all=True)"
+            )
         source, self._queries, self._scaling = self.prefilled
         layers = self.prefill_layers(dtype, source)
         for la in layers:
@@ -225,6 +234,8 @@ class KVPress:
                 dst.logical = src.get_seq_length()
             else:
                 cache.layers[i] = copy.deepcopy(src)
+        self.last_compressed = out
+        self._decode_states.clear()
         return cache, out
 
     # -- the work ----------------------------------------------------------------------------------------------------
@@ -270,16 +281,25 @@ class KVPress:
 
     def _evict(self, idx: int, layer: PrunedLayer, query: Tensor, key: Tensor, value: Tensor, scale: float):
         method = self.method
-        assert isinstance(method, Evictor)
+        assert method is not None and hasattr(method, "decode_select")
         state = self._decode_states.get(idx)
         if state is None:
             prefill = None
             if self.last_compressed is not None:
                 prefill = self.last_compressed[self.full_layers.index(idx)]
-            state = method.new_state(prefill=prefill)
+            state = method.new_state(prefill=prefill)  # type: ignore[attr-defined]
             self._decode_states[idx] = state
-        lk = LayerKV(keys=key, values=value, queries=query, layer_idx=idx, rope=self.rope, scaling=scale)
-        keep = method.decode_select(lk, state)  # [B, H, k] ascending
+        pos = self.full_layers.index(idx)  # the same layer numbering as the prefill compression
+        lk = LayerKV(
+            keys=key,
+            values=value,
+            queries=query,
+            layer_idx=pos,
+            num_layers=len(self.full_layers),
+            rope=self.rope,
+            scaling=scale,
+        )
+        keep = method.decode_select(lk, state)  # type: ignore[attr-defined]  # [B, H, k] ascending
         if keep.shape[-1] == key.shape[-2]:
             return key, value
         gather = keep.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
