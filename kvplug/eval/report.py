@@ -54,13 +54,12 @@ def _mean_score(row: dict[str, Any]) -> float:
 
 def markdown_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     score = [t for t in SCORE_TASKS if t in tasks]
-    head = ["method", *[f"{t} %" for t in score], "needle logprob", *(["ppl"] if "ppl" in tasks else [])]
+    head = ["method", *[f"{t} % (logprob)" for t in score], *(["ppl"] if "ppl" in tasks else [])]
     head += ["KV kept", "prefill time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"] + ("" if r["ratio"] is not None or r["method"] == "full" else " (own setting)")]
-        cells += [f"{r[t]:.0f}" if t in r else "-" for t in score]
-        cells.append(f"{r['needle_lp']:.3f}" if "needle_lp" in r else "-")
+        cells += [f"{r[t]:.0f} ({r[t + '_lp']:.2f})" if t in r else "-" for t in score]
         if "ppl" in tasks:
             cells.append(f"{r['ppl']:.3f}" if "ppl" in r else "-")
         cells += [f"{r['kv']:.3f}", f"{r['overhead']:.2f}x"]
@@ -69,43 +68,57 @@ def markdown_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
 
 
 def plot(cells: Sequence[Cell], path: Path, title: str) -> None:
-    """Quality vs compression ratio, one panel per task, one line per evictor; quantizers as markers at their
-    measured KV fraction; the full-KV score as a dashed line."""
+    """Quality vs compression ratio, one panel per task, one line per evictor (mean answer log-prob, which is
+    continuous; perplexity for ppl); ratio-free methods as stars at their measured KV fraction; full KV dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted({c.task for c in cells}, key=lambda t: (t == "ppl", t))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.8), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
+    cols = 3
+    rows = (len(tasks) + 1 + cols - 1) // cols  # one spare panel for the legend
+    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.9 * rows), squeeze=False)
+    flat = list(axes.flat)
+    names = sorted({c.method for c in cells if c.method != "full"})
+    colors = {m: plt.get_cmap("tab20")(i % 20) for i, m in enumerate(names)}
+
+    def y(c: Cell) -> float:
+        return c.accuracy if c.task == "ppl" else c.logprob
+
+    for ax, task in zip(flat, tasks, strict=False):
         tc = [c for c in cells if c.task == task]
-        full = next((c.accuracy for c in tc if c.method == "full"), None)
-        for m in sorted({c.method for c in tc if c.ratio is not None}):
-            pts = sorted((c.ratio, c.accuracy) for c in tc if c.method == m and c.ratio is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.2, label=m)
+        full = next((y(c) for c in tc if c.method == "full"), None)
+        for m in names:
+            pts = sorted((c.ratio, y(c)) for c in tc if c.method == m and c.ratio is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, lw=1.2, color=colors[m], label=m)
         for c in tc:
             if c.ratio is None and c.method != "full":
-                ax.scatter([1 - c.kv_fraction], [c.accuracy], marker="*", s=60, label=c.method, zorder=3)
+                ax.scatter([1 - c.kv_fraction], [y(c)], marker="*", s=80, color=colors[c.method], label=c.method)
         if full is not None:
             ax.axhline(full, color="k", ls="--", lw=1, label="full KV")
         ax.set_title(task)
-        ax.set_xlabel("compression ratio (fraction of KV removed)")
-        ax.set_ylabel("perplexity (lower is better)" if task == "ppl" else "exact match %")
-        if task == "ppl" and full is not None:
-            ax.set_ylim(full * 0.95, full * 2.5)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
-        h, lab = ax.get_legend_handles_labels()
-        for hh, ll in zip(h, lab, strict=True):
-            if ll not in labels:
-                handles.append(hh)
-                labels.append(ll)
-    fig.legend(handles, labels, loc="center right", fontsize=7)
+        ax.set_xlabel("fraction of KV bytes removed")
+        if task == "ppl":
+            ax.set_ylabel("perplexity (lower is better)")
+            if full is not None:
+                ax.set_ylim(full * 0.97, full * 1.6)
+        else:
+            ax.set_ylabel("answer log-prob (higher is better)")
+    handles, labels = [], []
+    for ax in flat[: len(tasks)]:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    for ax in flat[len(tasks) :]:
+        ax.axis("off")
+    flat[len(tasks)].legend(handles, labels, loc="center", fontsize=8, ncol=2)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -124,8 +137,10 @@ def write_report(rows: Sequence[dict[str, Any]], model: str, out_dir: Path, rati
         "",
         "Generated by `kvplug eval run` / `kvplug eval report` (docs/methods.md explains the harness). Samples per "
         f"task: {', '.join(f'{t} {k}' for t, k in sorted(n.items()))}. Scores are exact match in percent "
-        "(teacher-forced greedy), perplexity for ppl; KV kept = stored bytes after the method / full bf16 KV "
-        "bytes; prefill time = (prefill + compression) / prefill, same sample, same run.",
+        "(teacher-forced greedy) with the mean answer log-prob in brackets (continuous, less noisy with few "
+        "samples), perplexity for ppl; KV kept = stored bytes after the method / full bf16 KV bytes; prefill time "
+        "= (prefill + compression) / prefill, same sample, same run. Methods marked (own setting) have no "
+        "compression ratio and appear in every table at their defaults.",
         "",
         f"![quality vs compression]({stem}.png)",
         "",
