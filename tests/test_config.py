@@ -98,3 +98,8 @@ def test_unknown_env_and_yaml_keys(tmp_path):
         KVPlugConfig.load(yaml_path=str(y), environ={})
     with pytest.raises(ConfigError, match="does not exist"):
         KVPlugConfig.load(yaml_path=str(tmp_path / "nope.yaml"), environ={})
+
+
+def test_env_names_owned_by_other_components_are_not_config_keys():
+    env = {"KVPLUG_STORE": "memory://", "KVPLUG_SEMANTIC_REDIS": "redis://x", "KVPLUG_SGLANG_ALLOW_UNTESTED": "1"}
+    assert KVPlugConfig.env_dict(env) == {"store": "memory://"}
