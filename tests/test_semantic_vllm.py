@@ -7,11 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 
 import pytest
 
@@ -22,6 +18,7 @@ from kvplug.semantic.testing import AppThread, shared_embedder
 from kvplug.semantic.testing import http_request as http
 from kvplug.semantic.testing import parse_sse as sse
 from kvplug.testing import RedisServer, free_port
+from tests.vllm_helpers import openai_server
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("CI"):
@@ -36,52 +33,19 @@ def vllm_server(tmp_path):
     from kvplug.models import smollm2_dir
 
     port = free_port()
-    log = open(tmp_path / "vllm.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(smollm2_dir()),
-            "--served-model-name",
-            "smollm2",
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "1024",
-            "--enforce-eager",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    raise AssertionError(
-                        "vLLM did not start:\n" + (tmp_path / "vllm.log").read_text()[-4000:]
-                    ) from None
-                time.sleep(1)
+    args = [
+        "--model",
+        str(smollm2_dir()),
+        "--served-model-name",
+        "smollm2",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "1024",
+        "--enforce-eager",
+    ]
+    with openai_server(args, port, tmp_path / "vllm.log"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_semantic_cache_in_front_of_vllm(vllm_server):

@@ -5,9 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 
@@ -15,6 +12,7 @@ import pytest
 import redis
 
 from kvplug.testing import RedisServer, free_port
+from tests.vllm_helpers import openai_server
 
 if importlib.util.find_spec("vllm") is None:
     if os.environ.get("CI"):
@@ -45,56 +43,23 @@ def server(tmp_path):
             "kv_role": "kv_both",
             "kv_connector_extra_config": {"store": rs.url, "codec": "int8"},
         }
-        log = open(tmp_path / "server.log", "w")  # noqa: SIM115 - closed below
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(smollm2_dir()),
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-                "--dtype",
-                "float32",
-                "--max-model-len",
-                "2048",
-                "--block-size",
-                "32",
-                "--enforce-eager",
-                "--enable-prompt-tokens-details",
-                "--no-enable-prefix-caching",  # so a hit can only come from kvplug
-                "--kv-transfer-config",
-                json.dumps(cfg),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
-        )
-        try:
-            deadline = time.monotonic() + 240
-            while True:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                        break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        log.flush()
-                        raise AssertionError(
-                            "server did not start:\n" + (tmp_path / "server.log").read_text()[-4000:]
-                        ) from None
-                    time.sleep(1)
+        args = [
+            "--model",
+            str(smollm2_dir()),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            "--block-size",
+            "32",
+            "--enforce-eager",
+            "--enable-prompt-tokens-details",
+            "--no-enable-prefix-caching",  # so a hit can only come from kvplug
+            "--kv-transfer-config",
+            json.dumps(cfg),
+        ]
+        with openai_server(args, port, tmp_path / "server.log"):
             yield port, rs
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-            log.close()
 
 
 def test_second_identical_request_loads_from_redis(server):

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from kvplug.integrations.vllm.runner import run_in_new_process
@@ -25,3 +34,36 @@ def tokens(report: dict[str, Any]) -> list[list[int]]:
 
 def cached(report: dict[str, Any]) -> list[int]:
     return [o["num_cached_tokens"] for o in report["outputs"]]
+
+
+@contextlib.contextmanager
+def openai_server(args: list[str], port: int, log_path: Path, timeout: float = 240) -> Iterator[int]:
+    """vLLM's OpenAI server (``args`` after the module name) on ``port``, in its own session; waits for /health,
+    yields the port, and kills the whole process group on exit. A failed start shows the server log."""
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--port", str(port), "--host", "127.0.0.1", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"},
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.flush()
+                    raise AssertionError("vLLM server did not start:\n" + log_path.read_text()[-4000:]) from None
+                time.sleep(1)
+        yield port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
