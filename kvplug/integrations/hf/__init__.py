@@ -5,6 +5,6 @@ Needs the ``[bench]`` extra (transformers).
 """
 
 from kvplug.integrations.hf.cache import PrunedLayer, layer_types, make_cache
-from kvplug.integrations.hf.press import KVPress, kv_bytes, logical_tokens, rope_of
+from kvplug.integrations.hf.press import KVPress, rope_of
 
-__all__ = ["KVPress", "PrunedLayer", "kv_bytes", "layer_types", "logical_tokens", "make_cache", "rope_of"]
+__all__ = ["KVPress", "PrunedLayer", "layer_types", "make_cache", "rope_of"]

@@ -310,17 +310,4 @@ class KVPress:
         return k2, v2
 
 
-def kv_bytes(cache: DynamicCache) -> int:
-    """Bytes the cache's tensors occupy now (all layers)."""
-    total = 0
-    for la in cache.layers:
-        if getattr(la, "is_initialized", False) and la.keys is not None and la.keys.numel():
-            total += la.keys.numel() * la.keys.element_size() + la.values.numel() * la.values.element_size()
-    return total
-
-
-def logical_tokens(cache: DynamicCache) -> int:
-    return max((la.get_seq_length() for la in cache.layers), default=0)
-
-
-__all__ = ["IMPL", "KVPress", "kv_bytes", "kvplug_attention", "logical_tokens", "rope_of"]
+__all__ = ["IMPL", "KVPress", "kvplug_attention", "rope_of"]
