@@ -62,6 +62,17 @@ def default_store_url() -> str:
     return f"file://{base}"
 
 
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """The YAML document in ``path`` (None when empty); a missing or malformed file is a :class:`ConfigError`
+    naming ``what`` and the path."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from None
+
+
 #: Environment prefixes owned by other kvplug components (the semantic cache, the SGLang integration).
 _OTHER_ENV = ("KVPLUG_SEMANTIC_", "KVPLUG_SGLANG_")
 
@@ -149,12 +160,7 @@ class KVPlugConfig:
 
     @classmethod
     def yaml_dict(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        data = read_yaml(path, "config file")
         if data is None:
             return {}
         if not isinstance(data, dict):

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from kvplug.config import parse_size
+from kvplug.config import parse_size, read_yaml
 from kvplug.errors import ConfigError
 
 EVICTIONS = ("fifo", "lru", "lfu")
@@ -371,12 +371,7 @@ def load_policy(path: str | Path | None = None) -> Policy:
     if path is None:
         return parse_policy(copy.deepcopy(DEFAULT_POLICY), "built-in default policy")
     source = f"policy file {path}"
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{source} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{source} is not valid YAML: {e}") from None
+    data = read_yaml(path, "policy file")
     if data is None:
         raise ConfigError(f"{source} is empty")
     return parse_policy(data, source)
