@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -47,13 +48,11 @@ def run(
     ratio_list = [float(r) for r in _split(ratios)]
     for spec in specs:  # fail before loading the model on a typo
         parse_method(spec, ratio_list[0] if ratio_list else 0.5)
-    base = Suite.smoke() if suite == "smoke" else Suite()
     if suite not in ("smoke", "full"):
         raise typer.BadParameter(f"suite must be full or smoke, got {suite!r}")
-    chosen = tuple(_split(tasks))
-    cfg = RunConfig(
-        model, specs, ratio_list, Suite(**{**base.__dict__, "tasks": chosen, "question_in_context": query_aware})
-    )
+    base = Suite.smoke() if suite == "smoke" else Suite()
+    chosen = replace(base, tasks=tuple(_split(tasks)), question_in_context=query_aware)
+    cfg = RunConfig(model, specs, ratio_list, chosen)
     path = model_dir(model)
     tok = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
