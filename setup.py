@@ -14,6 +14,7 @@ CORE = [
     "zstandard>=0.22",
     "lz4>=4.3",
     "xxhash>=3.4",
+    "blake3>=1.0",  # keyed payload MACs (optional secret)
     "redis[hiredis]>=5.0",
     "prometheus-client>=0.20",
     "typer>=0.12",

@@ -1,39 +1,65 @@
 """KV chunks by token prefix: chunk keys + codec + store. Any doubt about a stored payload is a miss.
 
-This is the layer the engine integrations use. A payload that fails verification (checksum, version,
-codec, key, shape, dtype) is deleted from the store, counted in ``kvplug_payload_errors{kind}`` and
-reported as a miss; it never raises and never returns a wrong tensor.
+This is the layer the engine integrations use. A payload that fails verification (checksum or MAC, version,
+codec, key, shape, dtype, a body its decoder rejects) is deleted from the store, counted in
+``kvplug_payload_errors{kind}`` and reported as a miss; it never raises and never returns a wrong tensor.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from kvplug import metrics
 from kvplug.chunks import Chunk, ChunkKeyer, Namespace, PartialPolicy
 from kvplug.codec import Codec, get_codec
+from kvplug.codec.frame import MacKey
 from kvplug.connectors.base import ChunkStore
-from kvplug.errors import ConfigError, PayloadError
+from kvplug.errors import ConfigError
+from kvplug.payload import Payloads, mac_key_of
 
-log = logging.getLogger(__name__)
 Tokens = Sequence[int] | np.ndarray
 
 
 class KVCache:
-    """Stores and loads KV chunks ``[layers, 2, chunk_tokens, kv_heads, head_dim]`` for token sequences."""
+    """Stores and loads KV chunks ``[layers, 2, chunk_tokens, kv_heads, head_dim]`` for token sequences.
 
-    def __init__(self, store: ChunkStore, namespace: Namespace, partial: PartialPolicy = "drop") -> None:
+    ``secret`` (or a ready ``mac_key``) turns on payload authentication: payloads carry a keyed MAC, and only
+    payloads authenticated under the same secret are accepted.
+    """
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        namespace: Namespace,
+        partial: PartialPolicy = "drop",
+        secret: str | bytes | None = None,
+        mac_key: MacKey | None = None,
+    ) -> None:
         self.store = store
-        self.codec: Codec = get_codec(namespace.codec, **dict(namespace.codec_params))
-        # Key on the codec's effective parameters (defaults included), so a changed default changes keys.
-        self.namespace = replace(namespace, codec_params=Namespace.items(self.codec.params()))
-        self.keyer = ChunkKeyer(namespace, partial)
-        self.payload_errors: dict[str, int] = {}
+        codec: Codec = get_codec(namespace.codec, **dict(namespace.codec_params))
+        mac_key = mac_key or mac_key_of(secret)
+        # Key on the codec's canonical name and effective parameters (defaults included), so "int4" and
+        # "kivi?bits=4" share keys and a changed default changes keys; and on the MAC key's id, so readers with
+        # another secret (or none) never fight over the same entries.
+        self.namespace = replace(
+            namespace,
+            codec=codec.name,
+            codec_params=Namespace.items(codec.params()),
+            auth=mac_key.key_id if mac_key else "",
+        )
+        self.payloads = Payloads(store, codec, mac_key)
+        self.keyer = ChunkKeyer(self.namespace, partial)
+
+    @property
+    def codec(self) -> Codec:
+        return self.payloads.codec
+
+    @property
+    def payload_errors(self) -> dict[str, int]:
+        return self.payloads.errors
 
     def chunk_shape(self, num_tokens: int) -> tuple[int, int, int, int, int]:
         ns = self.namespace
@@ -81,7 +107,7 @@ class KVCache:
                     f"chunk {c.index}: kv {tuple(kv.shape)} {kv.dtype}, expected "
                     f"{self.chunk_shape(c.num_tokens)} {self.dtype}"
                 )
-            items.append((c.prefix_key, self.codec.encode(kv, key=c.prefix_key)))
+            items.append((c.prefix_key, self.payloads.encode(c.prefix_key, kv)))
         return self.store.put_many(items)
 
     def get(self, tokens: Tokens, num_chunks: int | None = None) -> list[torch.Tensor | None]:
@@ -89,26 +115,18 @@ class KVCache:
         chunks = self.chunks(tokens)[:num_chunks]
         return self.get_chunks(chunks)
 
+    def decode_chunk(
+        self, c: Chunk, payload: bytes | bytearray | memoryview | None, owned: bool = True
+    ) -> torch.Tensor | None:
+        """One fetched payload to its KV (None for a miss; a refused payload is counted and deleted).
+        ``owned=False``: the KV may be a read-only view of ``payload`` (the engine load path copies it once)."""
+        if payload is None:
+            return None
+        return self.payloads.decode(c.prefix_key, payload, self.chunk_shape(c.num_tokens), self.dtype, owned)
+
     def get_chunks(self, chunks: Sequence[Chunk]) -> list[torch.Tensor | None]:
-        keys = [c.prefix_key for c in chunks]
-        payloads = self.store.get_many(keys)
-        out: list[torch.Tensor | None] = []
-        bad: list[str] = []
-        for c, key, p in zip(chunks, keys, payloads, strict=True):
-            if p is None:
-                out.append(None)
-                continue
-            try:
-                out.append(self.codec.decode(p, key=key, shape=self.chunk_shape(c.num_tokens), dtype=self.dtype))
-            except PayloadError as e:
-                self.payload_errors[e.kind] = self.payload_errors.get(e.kind, 0) + 1
-                metrics.PAYLOAD_ERRORS.labels(e.kind).inc()
-                log.warning("kvplug: refused stored chunk %s… (%s); treated as a miss", key[:12], e)
-                bad.append(key)
-                out.append(None)
-        if bad:
-            self.store.delete(bad)
-        return out
+        payloads = self.store.get_many([c.prefix_key for c in chunks])
+        return [self.decode_chunk(c, p) for c, p in zip(chunks, payloads, strict=True)]
 
     def prefix(self, tokens: Tokens) -> tuple[int, torch.Tensor | None]:
         """Load the longest stored prefix: (tokens covered, KV ``[L, 2, n, H, D]`` or None)."""

@@ -7,8 +7,8 @@ A chunk is ``chunk_size`` consecutive tokens. Two key kinds exist:
 * blend keys, position-independent: ``sha256(b"blend" || namespace digest || tokens_i)``.
 
 The namespace digest covers everything that changes the stored bytes (model, revision, dtype, KV layout,
-tensor-parallel rank/size, codec and parameters, rotary settings, tenant salt). Hashing uses sha256 over a
-canonical encoding only: never Python's ``hash()``, whose seed differs per process.
+tensor-parallel rank/size, codec and parameters, rotary settings, tenant salt, payload MAC key id). Hashing uses
+sha256 over a canonical encoding only: never Python's ``hash()``, whose seed differs per process.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -44,6 +45,7 @@ class Namespace:
     codec_params: tuple[tuple[str, Any], ...] = ()
     rope: tuple[tuple[str, Any], ...] = ()
     tenant_salt: str = ""
+    auth: str = ""  # id of the payload MAC key ("" when payloads are not authenticated); never the secret
     chunk_size: int = 256
     extra: tuple[tuple[str, Any], ...] = field(default=())
 
@@ -67,10 +69,15 @@ class Namespace:
         body["key_format"] = KEY_FORMAT_VERSION
         return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
 
-    @property
+    @cached_property
     def digest(self) -> bytes:
         """32-byte sha256 of :meth:`canonical`: the seed of every key in this namespace."""
         return hashlib.sha256(b"kvplug-namespace\x00" + self.canonical()).digest()
+
+    def scoped_key(self, external_key: str) -> str:
+        """A store key for a key made by someone else (an engine's page hash) in this namespace:
+        ``sha256(namespace digest || key)`` as hex, so two namespaces never share an entry."""
+        return hashlib.sha256(self.digest + external_key.encode()).hexdigest()
 
 
 def token_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:

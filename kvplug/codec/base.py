@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -22,9 +23,18 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy())
 
 
-def tensor_from(buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
-    """A fresh (writable, owned) tensor from bytes: callers may modify it without touching the store."""
-    raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+def tensor_from(
+    buf: bytes | bytearray | memoryview, dtype: torch.dtype, shape: Sequence[int], owned: bool = True
+) -> torch.Tensor:
+    """A tensor from bytes: a fresh, owned copy by default (callers may modify it without touching the store);
+    with ``owned=False`` a zero-copy view that callers must only read (the load path, which copies it once
+    into the engine's cache)."""
+    if owned:
+        raw = torch.frombuffer(bytearray(buf), dtype=torch.uint8)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: this view is never written
+            raw = torch.frombuffer(buf, dtype=torch.uint8)
     return raw.view(dtype).reshape(tuple(shape))
 
 
@@ -53,12 +63,27 @@ class Codec(ABC):
     ) -> torch.Tensor:
         """Inverse of :meth:`encode_body`; may raise ``ValueError`` on inconsistent bodies."""
 
-    def encode(self, t: torch.Tensor, key: str | bytes | None = None) -> bytes:
-        """Frame ``t`` (any supported dtype) into bytes bound to ``key``."""
+    def decode_view(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """A zero-copy, read-only decode where the codec can do one (None: use :meth:`decode_body`)."""
+        return None
+
+    def encode(
+        self,
+        t: torch.Tensor,
+        key: str | bytes | None = None,
+        mac_key: frame.MacKey | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
+        """Frame ``t`` (any supported dtype) into bytes bound to ``key``, authenticated when ``mac_key`` is given.
+        ``extra`` is small JSON metadata stored beside the codec's (e.g. the positions of blendable KV)."""
         if t.dtype not in frame.DTYPE_IDS:
             raise ValueError(f"{self.name}: unsupported dtype {t.dtype}")
         meta, body = self.encode_body(t)
-        return frame.pack(self.codec_id, t.dtype, t.shape, {"params": self.params(), **meta}, body, key)
+        if extra:
+            meta = {**meta, "extra": extra}
+        return frame.pack(self.codec_id, t.dtype, t.shape, {"params": self.params(), **meta}, body, key, mac_key)
 
     def decode(
         self,
@@ -66,18 +91,36 @@ class Codec(ABC):
         key: str | bytes | None = None,
         shape: Sequence[int] | None = None,
         dtype: torch.dtype | None = None,
+        mac_key: frame.MacKey | None = None,
     ) -> torch.Tensor:
         """Verify and decode a payload; any doubt raises :class:`PayloadError`."""
-        f = frame.unpack(payload, codec_id=self.codec_id, key=key, shape=shape, dtype=dtype)
+        return self.decode_frame(payload, key, shape, dtype, mac_key)[0]
+
+    def decode_frame(
+        self,
+        payload: bytes | bytearray | memoryview,
+        key: str | bytes | None = None,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+        mac_key: frame.MacKey | None = None,
+        owned: bool = True,
+    ) -> tuple[torch.Tensor, frame.Frame]:
+        """:meth:`decode`, also returning the verified frame (for its ``meta["extra"]``). With ``owned=False``
+        the tensor may be a read-only view of ``payload`` (zero-copy for the raw codec): read it, never write it."""
+        f = frame.unpack(payload, codec_id=self.codec_id, key=key, shape=shape, dtype=dtype, mac_key=mac_key)
         if f.meta.get("params") != self.params():
             raise PayloadError("codec", f"payload codec parameters {f.meta.get('params')} != {self.params()}")
         try:
-            out = self.decode_body(f.meta, f.body, f.shape, f.dtype)
-        except (ValueError, RuntimeError, KeyError, TypeError, IndexError) as e:
-            raise PayloadError("corrupt", f"{self.name} body does not decode: {e}") from None
+            out = self.decode_view(f.meta, f.body, f.shape, f.dtype) if not owned else None
+            if out is None:
+                out = self.decode_body(f.meta, f.body, f.shape, f.dtype)
+        except PayloadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoder failure (zstd, lz4, memory, overflow) is a refusal
+            raise PayloadError("corrupt", f"{self.name} body does not decode: {type(e).__name__}: {e}") from None
         if tuple(out.shape) != f.shape or out.dtype != f.dtype:
             raise PayloadError("corrupt", f"{self.name} decoded {tuple(out.shape)} {out.dtype}")
-        return out
+        return out, f
 
 
 def check_kv_shape(name: str, t: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ import torch
 import zstandard
 
 from kvplug.codec.base import Body, Codec, tensor_bytes, tensor_from
+from kvplug.codec.frame import tensor_nbytes
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32}
 
@@ -56,6 +57,13 @@ class RawCodec(Codec):
     ) -> torch.Tensor:
         return tensor_from(body, dtype, shape)
 
+    def decode_view(
+        self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
+        if body.nbytes != tensor_nbytes(shape, dtype):
+            raise ValueError(f"raw body is {body.nbytes} bytes, the tensor {tensor_nbytes(shape, dtype)}")
+        return tensor_from(body, dtype, shape, owned=False)
+
 
 @dataclass
 class ZstdCodec(Codec):
@@ -76,7 +84,7 @@ class ZstdCodec(Codec):
     def decode_body(
         self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        n = tensor_nbytes(shape, dtype)
         raw = zstandard.ZstdDecompressor().decompress(body, max_output_size=n)
         if len(raw) != n:
             raise ValueError(f"decompressed {len(raw)} bytes, expected {n}")
@@ -101,8 +109,15 @@ class Lz4Codec(Codec):
     def decode_body(
         self, meta: dict[str, Any], body: memoryview, shape: tuple[int, ...], dtype: torch.dtype
     ) -> torch.Tensor:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-        raw = lz4.frame.decompress(body)
+        n = tensor_nbytes(shape, dtype)
+        # Bounded by the frame's (already verified) shape: a body claiming more is refused before allocating.
+        info = lz4.frame.get_frame_info(body)
+        if info.get("content_size") not in (0, None, n):
+            raise ValueError(f"lz4 frame declares {info['content_size']} bytes, the tensor has {n}")
+        d = lz4.frame.LZ4FrameDecompressor()
+        raw = d.decompress(body, max_length=n)
+        if not d.eof or d.unused_data:
+            raise ValueError("lz4 body is longer than its tensor or has trailing data")
         if len(raw) != n:
             raise ValueError(f"decompressed {len(raw)} bytes, expected {n}")
         return unshuffle(raw, dtype, shape) if self.shuffle else tensor_from(raw, dtype, shape)

@@ -49,6 +49,11 @@ class PageGeometry:
         return (self.layers, 2, self.page_size, self.heads, self.head_dim)
 
     @property
+    def stored_shape(self) -> tuple[int, ...] | None:
+        """Shape of a stored page (None for opaque pages, stored flat in the pool's own order)."""
+        return self.canonical_shape if self.canonical else None
+
+    @property
     def host_shape(self) -> tuple[int, ...]:
         """Shape of one page in the host pool's own order."""
         L, H, D, P = self.layers, self.heads, self.head_dim, self.page_size  # noqa: N806

@@ -17,8 +17,8 @@ doubt about one is a miss, counted in ``kvplug_payload_errors``, and the entry i
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -31,9 +31,10 @@ from kvplug import metrics
 from kvplug.chunks import Namespace
 from kvplug.codec import Codec, get_codec
 from kvplug.connectors import ChunkStore, open_store
-from kvplug.errors import ConfigError, PayloadError
+from kvplug.errors import ConfigError
 from kvplug.integrations.sglang import check_version
 from kvplug.integrations.sglang.pages import PageGeometry, geometry_of
+from kvplug.payload import Payloads, mac_key_of
 
 log = logging.getLogger("kvplug.sglang")
 
@@ -57,7 +58,7 @@ SGLANG_KEYS = frozenset(
 #: KV dtypes the quantizing codecs understand (an fp8 KV cache sits in the host pool as uint8 bit patterns).
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Keys kvplug reads. Anything else is a typo and an error.
-KVPLUG_KEYS = frozenset({"store", "codec", "codec_params", "model_id", "tenant_salt", "skip_existing"})
+KVPLUG_KEYS = frozenset({"store", "codec", "codec_params", "model_id", "tenant_salt", "skip_existing", "secret"})
 #: Codecs that need the canonical ``[layers, 2, tokens, heads, dim]`` layout (quantizers).
 _BYTE_CODECS = ("raw", "zstd", "lz4")
 
@@ -85,6 +86,8 @@ def parse_extra_config(extra: dict[str, Any] | None) -> dict[str, Any]:
         "model_id": extra.get("model_id"),
         "tenant_salt": str(extra.get("tenant_salt", "")),
         "skip_existing": bool(extra.get("skip_existing", True)),
+        # the payload secret: from the extra config or KVPLUG_SECRET (never logged)
+        "secret": extra.get("secret") or os.environ.get("KVPLUG_SECRET") or None,
     }
     get_codec(out["codec"], **params)  # unknown codec or bad parameters: ConfigError now, not at first write
     return out
@@ -99,16 +102,23 @@ class KVPlugHiCacheStorage(HiCacheStorage):
         self.settings = parse_extra_config(storage_config.extra_config)
         if storage_config.should_split_heads:
             raise ConfigError("kvplug HiCache backend: split-head storage (heterogeneous TP) is not supported")
-        self.codec: Codec = get_codec(self.settings["codec"], **self.settings["codec_params"])
+        codec: Codec = get_codec(self.settings["codec"], **self.settings["codec_params"])
         self.store: ChunkStore = open_store(self.settings["store"])
+        self.payloads = Payloads(self.store, codec, mac_key_of(self.settings["secret"]))
         self.geometry: PageGeometry | None = None
         self.namespace: Namespace | None = None
-        self._seed = b""
         self._lock = threading.Lock()
         self._pending_metrics: dict[str, list[float]] = {"prefetch_pgs": [], "backup_pgs": [], "prefetch_bw": []}
-        self.payload_errors: dict[str, int] = {}
         # MLA KV is replicated across TP ranks: one shared copy, written by the designated writer only.
         self.writer = storage_config.is_storage_writer
+
+    @property
+    def codec(self) -> Codec:
+        return self.payloads.codec
+
+    @property
+    def payload_errors(self) -> dict[str, int]:
+        return self.payloads.errors
 
     # ---- set-up --------------------------------------------------------------------------------------------
     def register_mem_pool_host(self, mem_pool_host: Any) -> None:
@@ -157,6 +167,7 @@ class KVPlugHiCacheStorage(HiCacheStorage):
             codec=self.codec.name,
             codec_params=Namespace.items(self.codec.params()),
             tenant_salt=s["tenant_salt"],
+            auth=self.payloads.mac_key.key_id if self.payloads.mac_key else "",
             chunk_size=geometry.page_size,
             extra=Namespace.items(
                 {
@@ -168,21 +179,20 @@ class KVPlugHiCacheStorage(HiCacheStorage):
                 }
             ),
         )
-        self._seed = self.namespace.digest
         log.info(
             "kvplug HiCache backend: store=%s codec=%s pool=%s/%s namespace=%s",
             self.store.name,
             self.codec.name,
             geometry.pool_class,
             geometry.layout,
-            self._seed.hex()[:12],
+            self.namespace.digest.hex()[:12],
         )
 
     def store_key(self, key: str) -> str:
         """The store key of one SGLang page key in this server's namespace."""
         if self.namespace is None:
             raise RuntimeError("kvplug HiCache backend used before SGLang registered its host memory pool")
-        return hashlib.sha256(self._seed + key.encode()).hexdigest()
+        return self.namespace.scoped_key(key)
 
     # ---- encode / decode -----------------------------------------------------------------------------------
     def _encode(self, skey: str, page: torch.Tensor) -> bytes:
@@ -190,25 +200,12 @@ class KVPlugHiCacheStorage(HiCacheStorage):
         g = self.geometry
         assert g is not None
         t = g.to_canonical(page) if g.canonical else page.reshape(-1)
-        return self.codec.encode(t.contiguous(), key=skey)
+        return self.payloads.encode(skey, t.contiguous())
 
     def _decode(self, skey: str, payload: bytes) -> torch.Tensor | None:
         g = self.geometry
         assert g is not None
-        try:
-            return self.codec.decode(payload, key=skey, shape=self._stored_shape(), dtype=g.dtype)
-        except PayloadError as e:
-            with self._lock:
-                self.payload_errors[e.kind] = self.payload_errors.get(e.kind, 0) + 1
-            metrics.PAYLOAD_ERRORS.labels(e.kind).inc()
-            log.warning("kvplug: refused stored page %s… (%s); treated as a miss", skey[:12], e)
-            self.store.delete([skey])
-            return None
-
-    def _stored_shape(self) -> tuple[int, ...] | None:
-        g = self.geometry
-        assert g is not None
-        return g.canonical_shape if g.canonical else None
+        return self.payloads.decode(skey, payload, g.stored_shape, g.dtype)
 
     def _host_view(self, decoded: torch.Tensor) -> torch.Tensor:
         """A decoded page in host order, flat."""
