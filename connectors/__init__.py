@@ -24,12 +24,14 @@ from kvplug.connectors.memory import MemoryStore
 from kvplug.connectors.redis_store import RedisStore
 from kvplug.connectors.tiered import TieredStore
 from kvplug.errors import ConfigError
+from kvplug.redact import redact
 
 _STORE_OPTS: dict[str, Callable[[str], Any]] = {"name": str}
 _MEMORY_OPTS = {**_STORE_OPTS, "max_bytes": parse_size}
 _DISK_OPTS = {**_STORE_OPTS, "max_bytes": parse_size, "fsync": str}
 _REDIS_OPTS: dict[str, Callable[[str], Any]] = {
     **_STORE_OPTS,
+    "op_timeout": float,
     "ttl": float,
     "prefix": str,
     "max_value_bytes": parse_size,
@@ -50,18 +52,18 @@ _REDIS_CLIENT_OPTS: dict[str, Callable[[str], Any]] = {
     "ssl_check_hostname": parse_bool,
     "sentinel_password": str,
 }
-REDIS_DEFAULTS = {"socket_timeout": 2.0, "socket_connect_timeout": 1.0, "retries": 2, "max_connections": 64}
+REDIS_DEFAULTS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0, "retries": 1, "max_connections": 64}
 
 
 def _options(url: str, query: str, allowed: dict[str, Callable[[str], Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in parse_qsl(query, keep_blank_values=True):
         if k not in allowed:
-            raise ConfigError(f"store URL {url!r}: unknown option {k!r}; known: {sorted(allowed)}")
+            raise ConfigError(f"store URL {redact(url)!r}: unknown option {k!r}; known: {sorted(allowed)}")
         try:
             out[k] = allowed[k](v)
         except (ValueError, ConfigError) as e:
-            raise ConfigError(f"store URL {url!r}: bad value for {k!r}: {e}") from None
+            raise ConfigError(f"store URL {redact(url)!r}: bad value for {k!r}: {redact(e)}") from None
     return out
 
 
@@ -70,7 +72,7 @@ def _hosts(url: str, netloc: str, default_port: int) -> list[tuple[str, int]]:
     for part in netloc.rsplit("@", 1)[-1].split(","):
         host, _, port = part.rpartition(":") if ":" in part else (part, "", str(default_port))
         if not host or not port.isdigit():
-            raise ConfigError(f"store URL {url!r}: bad host {part!r} (want host:port)")
+            raise ConfigError(f"store URL {redact(url)!r}: bad host {part!r} (want host:port)")
         hosts.append((host.strip("[]"), int(port)))
     return hosts
 
@@ -104,7 +106,7 @@ def _redis(url: str, scheme: str, parts: Any, all_opts: dict[str, Any]) -> Redis
     elif scheme == "redis+sentinel":
         path = [p for p in parts.path.split("/") if p]
         if not path:
-            raise ConfigError(f"store URL {url!r}: sentinel URLs need a service name: .../<name>[/<db>]")
+            raise ConfigError(f"store URL {redact(url)!r}: sentinel URLs need a service name: .../<name>[/<db>]")
         db = int(path[1]) if len(path) > 1 else 0
         sentinel = Sentinel(
             _hosts(url, parts.netloc, 26379),
@@ -131,14 +133,14 @@ def open_store(url: str | Sequence[str], queue_size: int = 256, promote: bool = 
         return MemoryStore(**_options(u, parts.query, _MEMORY_OPTS))
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise ConfigError(f"store URL {u!r}: file URLs take an absolute path: file:///path")
+            raise ConfigError(f"store URL {redact(u)!r}: file URLs take an absolute path: file:///path")
         if not parts.path:
-            raise ConfigError(f"store URL {u!r}: missing directory path")
+            raise ConfigError(f"store URL {redact(u)!r}: missing directory path")
         return DiskStore(unquote(parts.path), **_options(u, parts.query, _DISK_OPTS))
     if scheme in ("redis", "rediss", "unix", "redis+cluster", "redis+sentinel"):
         return _redis(u, scheme, parts, _options(u, parts.query, {**_REDIS_OPTS, **_REDIS_CLIENT_OPTS}))
     raise ConfigError(
-        f"store URL {u!r}: unknown scheme {scheme!r}; use memory://, file://, redis://, "
+        f"store URL {redact(u)!r}: unknown scheme {scheme!r}; use memory://, file://, redis://, "
         "rediss://, unix://, redis+sentinel:// or redis+cluster://"
     )
 

@@ -6,20 +6,24 @@ backend failure escape: a failed read is a counted miss, a failed write a counte
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from kvplug import metrics
 from kvplug.errors import StoreError
+from kvplug.guard import CircuitBreaker, DeadlineExceeded, run_with_deadline
 
-KEY_RE = re.compile(r"^[A-Za-z0-9._:=-]{1,200}$")
+#: 1-200 characters of ``[A-Za-z0-9._:=-]``, not starting with a dot (no ``.``, ``..`` or hidden names), and
+#: nothing else: matched with ``fullmatch`` (``$`` would accept a trailing newline).
+KEY_RE = re.compile(r"[A-Za-z0-9_:=-][A-Za-z0-9._:=-]{0,199}")
 Value = bytes | bytearray | memoryview
+R = TypeVar("R")
 
 
 @dataclass
@@ -52,8 +56,8 @@ def check_keys(keys: Sequence[str]) -> list[str]:
         raise ValueError("expected a sequence of keys, got a single string")
     out = list(keys)
     for k in out:
-        if not isinstance(k, str) or not KEY_RE.match(k):
-            raise ValueError(f"invalid key {k!r}: 1-200 chars of [A-Za-z0-9._:=-]")
+        if not isinstance(k, str) or not KEY_RE.fullmatch(k):
+            raise ValueError(f"invalid key {k!r}: 1-200 chars of [A-Za-z0-9._:=-], not starting with '.'")
     return out
 
 
@@ -68,14 +72,35 @@ def check_items(items: Sequence[tuple[str, Value]]) -> list[tuple[str, Value]]:
 
 class ChunkStore(ABC):
     """Base class of all stores. Subclasses implement the ``_``-prefixed hooks and may raise
-    :class:`StoreError` or ``OSError`` from them."""
+    :class:`StoreError` or ``OSError`` from them.
+
+    Two guards keep a sick backend off the caller's path. A deadline: a public call given ``timeout`` (or the
+    store's ``op_timeout``) returns its miss answer once that many seconds have passed, whatever the backend does
+    (counted as error ``deadline``; ``timeout=math.inf`` runs without one, for callers that bound time
+    themselves). A circuit breaker: a deadline or a :class:`StoreError` of kind ``connection`` or ``timeout``
+    opens it; while open, every call answers a miss at once (counted as ``unavailable``) and a background probe
+    (:meth:`_probe`) decides when the backend is back, with a back-off that doubles up to ``down_backoff_max``
+    seconds.
+    """
 
     kind: ClassVar[str] = "store"
     #: Exceptions from hooks that mean "the backend failed": turned into misses and counted.
     failures: ClassVar[tuple[type[BaseException], ...]] = (StoreError, OSError)
+    #: StoreError kinds that mean "the backend is unreachable or hung": they open the circuit breaker.
+    down_kinds: ClassVar[frozenset[str]] = frozenset({"connection", "timeout"})
 
-    def __init__(self, name: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str | None = None,
+        op_timeout: float | None = None,
+        down_backoff_min: float = 0.25,
+        down_backoff_max: float = 30.0,
+    ) -> None:
         self.name = name or self.kind
+        if op_timeout is not None and op_timeout <= 0:
+            raise ValueError(f"{self.name}: op_timeout must be > 0 seconds")
+        self.op_timeout = op_timeout
+        self.breaker = CircuitBreaker(self.name, self._probe_ok, down_backoff_min, down_backoff_max)
         self._stats_lock = threading.Lock()
         self._counts: dict[str, int] = {
             "hits": 0,
@@ -124,6 +149,18 @@ class ChunkStore(ABC):
             n += 1
         return n
 
+    def _probe(self) -> None:
+        """A cheap round trip to the backend (the breaker's background probe); raises when it is down."""
+        self._exists_many(["kvplug-probe"])
+
+    def _probe_ok(self) -> bool:
+        """The breaker's probe: one round trip, bounded by ``op_timeout`` (5 s when the store has none)."""
+        try:
+            run_with_deadline(self._probe, self.op_timeout or 5.0)
+            return True
+        except (DeadlineExceeded, *self.failures):
+            return False
+
     def _usage(self) -> tuple[int | None, int | None, int | None]:
         """(entries, used bytes, capacity bytes), where the backend knows them."""
         return None, None, None
@@ -150,53 +187,55 @@ class ChunkStore(ABC):
             self._errors[kind] = self._errors.get(kind, 0) + 1
         metrics.ERRORS.labels(self.name, kind).inc()
 
-    @contextmanager
-    def _guard(self, op: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._m_lat[op].observe(time.perf_counter() - t0)
-
     def _failed(self, e: BaseException) -> None:
         self.count_error(e.kind if isinstance(e, StoreError) else type(e).__name__)
 
+    def _guarded(self, op: str, fn: Callable[[], R], miss: R, timeout: float | None) -> R:
+        """Run one backend call under the breaker and the deadline; any failure answers ``miss``."""
+        if not self.breaker.allow():
+            self.count_error("unavailable")
+            return miss
+        timeout = self.op_timeout if timeout is None else timeout
+        t0 = time.perf_counter()
+        try:
+            out = fn() if timeout is None or math.isinf(timeout) else run_with_deadline(fn, timeout)
+        except DeadlineExceeded:
+            self.count_error("deadline")
+            self.breaker.failure()
+            return miss
+        except self.failures as e:
+            self._failed(e)
+            if isinstance(e, StoreError) and e.kind in self.down_kinds:
+                self.breaker.failure()
+            else:
+                self.breaker.success()
+            return miss
+        finally:
+            self._m_lat[op].observe(time.perf_counter() - t0)
+        self.breaker.success()
+        return out
+
     # ---- public API --------------------------------------------------------------------------------------
-    def exists_many(self, keys: Sequence[str]) -> list[bool]:
+    def exists_many(self, keys: Sequence[str], timeout: float | None = None) -> list[bool]:
         """Which keys are present. A backend failure answers all False."""
         ks = check_keys(keys)
         if not ks:
             return []
-        with self._guard("contains"):
-            try:
-                return self._exists_many(ks)
-            except self.failures as e:
-                self._failed(e)
-                return [False] * len(ks)
+        return self._guarded("contains", lambda: self._exists_many(ks), [False] * len(ks), timeout)
 
-    def contains(self, keys: Sequence[str]) -> int:
+    def contains(self, keys: Sequence[str], timeout: float | None = None) -> int:
         """Number of leading keys present (the prefix hit count), in one batched round trip."""
         ks = check_keys(keys)
         if not ks:
             return 0
-        with self._guard("contains"):
-            try:
-                return self._contains(ks)
-            except self.failures as e:
-                self._failed(e)
-                return 0
+        return self._guarded("contains", lambda: self._contains(ks), 0, timeout)
 
-    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+    def get_many(self, keys: Sequence[str], timeout: float | None = None) -> list[bytes | None]:
         """Values for ``keys`` (None for a miss). A backend failure answers all misses."""
         ks = check_keys(keys)
         if not ks:
             return []
-        with self._guard("get"):
-            try:
-                vals = self._get_many(ks)
-            except self.failures as e:
-                self._failed(e)
-                vals = [None] * len(ks)
+        vals = self._guarded("get", lambda: self._get_many(ks), [None] * len(ks), timeout)
         hits = [v for v in vals if v is not None]
         if hits:
             self.count("hits", len(hits))
@@ -208,17 +247,12 @@ class ChunkStore(ABC):
     def get(self, key: str) -> bytes | None:
         return self.get_many([key])[0]
 
-    def put_many(self, items: Sequence[tuple[str, Value]]) -> int:
+    def put_many(self, items: Sequence[tuple[str, Value]], timeout: float | None = None) -> int:
         """Store entries; returns how many were stored. A backend failure stores none and is counted."""
         its = check_items(items)
         if not its:
             return 0
-        with self._guard("put"):
-            try:
-                ok = self._put_many(its)
-            except self.failures as e:
-                self._failed(e)
-                return 0
+        ok = self._guarded("put", lambda: self._put_many(its), [False] * len(its), timeout)
         n = sum(ok)
         if n:
             self.count("puts", n)
@@ -233,12 +267,7 @@ class ChunkStore(ABC):
         ks = check_keys(keys)
         if not ks:
             return 0
-        with self._guard("delete"):
-            try:
-                return self._delete(ks)
-            except self.failures as e:
-                self._failed(e)
-                return 0
+        return self._guarded("delete", lambda: self._delete(ks), 0, None)
 
     def keys(self, limit: int | None = None) -> list[str]:
         """Up to ``limit`` stored keys (for inspection; may be slow on large stores)."""
@@ -264,11 +293,7 @@ class ChunkStore(ABC):
         return n + (self.delete(batch) if batch else 0)
 
     def stats(self) -> StoreStats:
-        try:
-            entries, used, cap = self._usage()
-        except self.failures as e:
-            self._failed(e)
-            entries = used = cap = None
+        entries, used, cap = self._guarded("contains", self._usage, (None, None, None), None)
         with self._stats_lock:
             return StoreStats(
                 self.kind,

@@ -3,15 +3,15 @@
 Keys are ``<prefix>{<key>}``; a value larger than ``max_value_bytes`` is split into parts
 ``<prefix>{<key>}:p<i>`` under a small manifest at the main key. The hash tag ``{<key>}`` puts every part of one
 chunk on one cluster slot. Reads and writes are pipelined in batches. Failures (refused connection, timeout,
-cluster down) become counted misses, and a short circuit breaker answers misses at once while Redis is down,
-probing again after an exponential back-off, so a dead Redis never stalls the engine.
+cluster down) become counted misses. A circuit breaker (see :class:`kvplug.connectors.base.ChunkStore`) answers
+misses at once while Redis is down or hung, and a background ping decides when it is back; with ``op_timeout``
+(default 1 s) no call waits longer than that for a Redis that stopped answering, so a dead or stopped Redis
+never stalls the engine.
 """
 
 from __future__ import annotations
 
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +22,7 @@ from redis.retry import Retry
 
 from kvplug.connectors.base import ChunkStore, Value
 from kvplug.errors import StoreError
+from kvplug.redact import redact
 
 _MANIFEST_MAGIC = b"KVPLUG-SPLIT-V1\x00"
 _MANIFEST = struct.Struct("<16sIQ8s")  # magic, parts, total length, xxh3_64 of the whole value
@@ -46,11 +47,13 @@ class RedisStore(ChunkStore):
         max_value_bytes: int = 64 << 20,
         batch_size: int = 32,
         pipeline_bytes: int = 4 << 20,
-        down_backoff_max: float = 5.0,
+        down_backoff_max: float = 30.0,
+        op_timeout: float | None = 1.0,
         name: str | None = None,
     ) -> None:
         self.kind = "redis-cluster" if isinstance(client, redis.RedisCluster) else "redis"
-        super().__init__(name)
+        super().__init__(name, op_timeout=op_timeout, down_backoff_min=min(0.25, down_backoff_max),
+                         down_backoff_max=down_backoff_max)
         if max_value_bytes < 1024:
             raise ValueError("redis store: max_value_bytes must be >= 1024")
         if batch_size < 1:
@@ -64,12 +67,8 @@ class RedisStore(ChunkStore):
         self.batch_size = int(batch_size)
         self.pipeline_bytes = int(pipeline_bytes)
         self._avg_value = 0.0  # running mean of value sizes read, to size read pipelines by bytes
-        self.down_backoff_max = float(down_backoff_max)
-        self._cb_lock = threading.Lock()
-        self._down_until = 0.0
-        self._backoff = 0.0
 
-    # ---- keys and circuit breaker ------------------------------------------------------------------------
+    # ---- keys and errors ---------------------------------------------------------------------------------
     def rkey(self, key: str) -> str:
         return f"{self.prefix}{{{key}}}"
 
@@ -77,22 +76,15 @@ class RedisStore(ChunkStore):
         return f"{self.prefix}{{{key}}}:p{i}"
 
     def _call(self, fn: Any, *args: Any) -> Any:
-        """Run one backend exchange under the circuit breaker."""
-        now = time.monotonic()
-        if now < self._down_until:
-            raise StoreError("unavailable", f"redis marked down for {self._down_until - now:.2f}s more")
+        """Run one backend exchange; an unreachable or hung Redis becomes a StoreError that opens the breaker."""
         try:
-            out = fn(*args)
+            return fn(*args)
         except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError, OSError) as e:
-            with self._cb_lock:
-                self._backoff = min(self.down_backoff_max, max(0.05, self._backoff * 2))
-                self._down_until = time.monotonic() + self._backoff
             kind = "timeout" if isinstance(e, redis.TimeoutError | TimeoutError) else "connection"
-            raise StoreError(kind, str(e)) from None
-        if self._backoff:
-            with self._cb_lock:
-                self._backoff = 0.0
-        return out
+            raise StoreError(kind, redact(str(e))) from None
+
+    def _probe(self) -> None:
+        self._call(self.client.ping)
 
     def _pipe(self, build: Any) -> list[Any]:
         """Execute a non-transactional pipeline built by ``build(pipe)``."""
@@ -220,10 +212,7 @@ class RedisStore(ChunkStore):
         return None, used, (sum(caps) if caps and all(caps) else None)
 
     def ping(self) -> bool:
-        try:
-            return bool(self._call(self.client.ping))
-        except self.failures:
-            return False
+        return self._probe_ok()
 
     def _close(self) -> None:
         self.client.close()

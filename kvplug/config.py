@@ -57,6 +57,22 @@ def parse_bool(value: Any) -> bool:
     raise ConfigError(f"boolean expected, got {value!r}")
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str, what: str, environ: dict[str, str] | None = None) -> str:
+    """Replace ``${VAR}`` with the environment's value (a missing variable is an error naming it, never a value):
+    ``"store": "redis://:${REDIS_PASSWORD}@host:6379/0"`` keeps the password out of the engine's own logs."""
+    env = os.environ if environ is None else environ
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1) not in env:
+            raise ConfigError(f"{what}: environment variable {m.group(1)} is not set")
+        return env[m.group(1)]
+
+    return _ENV_REF.sub(sub, value)
+
+
 def default_store_url() -> str:
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvplug" / "store"
     return f"file://{base}"
@@ -88,12 +104,29 @@ class KVPlugConfig:
     partial_chunk: str = "drop"
     tenant_salt: str = ""
     write_queue_size: int = 256
+    write_queue_bytes: int = 512 << 20  # engines: host memory pending saves may hold; a save over it is dropped
     promote_on_hit: bool = True
     model_id: str = ""  # engines: key namespace model name (default: the engine's model path or name)
     save_decode: bool = False  # engines: also store chunks completed by generated tokens
+    # engines: the most a store lookup may add to a request (seconds); over it, the request is a miss and the
+    # store's circuit breaker opens (misses at once, background probes) until the store answers again
+    lookup_timeout: float = 0.1
+    # engines: the most loading one request's KV may take (seconds); the rest is recomputed
+    load_timeout: float = 1.0
+    max_tenants: int = 1024  # engines: per-tenant key namespaces kept (least recently used beyond it dropped)
+    # payload authentication: with a secret (>= 16 bytes), payloads carry a keyed MAC and only payloads made with
+    # the same secret are accepted. Never logged or shown (repr=False); prefer KVPLUG_SECRET or secret_file.
+    secret: str = field(default="", repr=False)
+    secret_file: str = ""
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def __repr__(self) -> str:
+        from kvplug.redact import redact
+
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        return redact(f"KVPlugConfig({', '.join(f'{k}={v!r}' for k, v in shown.items())})")
 
     def validate(self) -> None:
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
@@ -107,6 +140,28 @@ class KVPlugConfig:
         from kvplug.codec import get_codec
 
         get_codec(self.codec, **self.codec_params)  # raises ConfigError on a bad codec
+        for name in ("lookup_timeout", "load_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {v!r}")
+        for name in ("write_queue_size", "write_queue_bytes", "max_tenants"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.secret and self.secret_file:
+            raise ConfigError("give either secret or secret_file, not both")
+        if self.payload_secret and len(self.payload_secret.encode()) < 16:
+            raise ConfigError("the payload secret must be at least 16 bytes long")
+
+    @property
+    def payload_secret(self) -> str:
+        """The payload secret (from ``secret`` or the first line of ``secret_file``); "" when none."""
+        if self.secret_file:
+            try:
+                return Path(self.secret_file).read_text().splitlines()[0].strip()
+            except (OSError, IndexError):
+                raise ConfigError(f"secret_file {self.secret_file} cannot be read or is empty") from None
+        return self.secret
 
     @property
     def store_urls(self) -> list[str]:
@@ -120,13 +175,13 @@ class KVPlugConfig:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def _coerce(cls, data: dict[str, Any], source: str) -> dict[str, Any]:
+    def _coerce(cls, data: dict[str, Any], source: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
         known = cls.known_keys()
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys: {known}")
         out = dict(data)
-        for name in ("chunk_size", "write_queue_size"):
+        for name in ("chunk_size", "write_queue_size", "max_tenants"):
             if name in out and isinstance(out[name], str):
                 try:
                     out[name] = int(out[name])
@@ -135,6 +190,17 @@ class KVPlugConfig:
         for name in ("promote_on_hit", "save_decode"):
             if name in out:
                 out[name] = parse_bool(out[name])
+        for name in ("lookup_timeout", "load_timeout"):
+            if name in out and isinstance(out[name], str):
+                try:
+                    out[name] = float(out[name])
+                except ValueError:
+                    raise ConfigError(f"{source}: {name} must be a number of seconds, got {out[name]!r}") from None
+        if "write_queue_bytes" in out:
+            out["write_queue_bytes"] = parse_size(out["write_queue_bytes"])
+        for name in ("store", "secret"):  # ${VAR} from the environment: keeps secrets out of engine logs
+            if isinstance(out.get(name), str):
+                out[name] = expand_env(out[name], name, environ)
         if isinstance(out.get("codec_params"), str):
             loaded = yaml.safe_load(out["codec_params"]) or {}
             if not isinstance(loaded, dict):
@@ -179,7 +245,7 @@ class KVPlugConfig:
         merged: dict[str, Any] = {}
         path = yaml_path or env.get("KVPLUG_CONFIG_FILE")
         if path:
-            merged.update(cls._coerce(cls.yaml_dict(path), f"config file {path}"))
-        merged.update(cls._coerce(cls.env_dict(env), "environment (KVPLUG_*)"))
-        merged.update(cls._coerce(dict(overrides or {}), "config"))
+            merged.update(cls._coerce(cls.yaml_dict(path), f"config file {path}", dict(env)))
+        merged.update(cls._coerce(cls.env_dict(env), "environment (KVPLUG_*)", dict(env)))
+        merged.update(cls._coerce(dict(overrides or {}), "config", dict(env)))
         return cls(**merged)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -92,9 +93,19 @@ class RedisServer:
     def stop(self) -> None:
         """Kill the server (SIGKILL: an abrupt outage, as a crash would be)."""
         if self.proc and self.proc.poll() is None:
+            self.resume()
             self.proc.kill()
             self.proc.wait(10)
         self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections open and answers nothing (a hung machine)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def close(self) -> None:
         self.stop()
@@ -144,9 +155,9 @@ class RedisClusterServers:
             [*create, "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60
         )
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = redis.Redis(port=self.nodes[0].port).cluster("info")
-            if (info.get("cluster_state") if isinstance(info, dict) else None) == "ok":
+        while time.monotonic() < deadline:  # every node must agree, not only the first (a flaky start otherwise)
+            states = [redis.Redis(port=n.port).cluster("info") for n in self.nodes]
+            if all(isinstance(i, dict) and i.get("cluster_state") == "ok" for i in states):
                 return
             time.sleep(0.1)
         raise RuntimeError("redis cluster did not reach state ok")

@@ -1,5 +1,8 @@
 """A bounded background queue with one worker thread: ``submit`` never blocks (a full queue refuses the job),
-``flush`` waits for queued jobs, ``close`` drains and stops. Used for write-backs and engine-side saves."""
+``flush`` waits for queued jobs, ``close`` drains and stops. Used for write-backs and engine-side saves.
+
+The bound is a number of jobs and, optionally, bytes: ``submit(job, nbytes)`` refuses a job that would take the
+bytes held by queued and running jobs over ``max_bytes``."""
 
 from __future__ import annotations
 
@@ -15,37 +18,49 @@ T = TypeVar("T")
 
 
 class BoundedWorker(Generic[T]):
-    def __init__(self, name: str, handler: Callable[[T], None], maxsize: int) -> None:
+    def __init__(
+        self, name: str, handler: Callable[[T], None], maxsize: int, max_bytes: int | None = None
+    ) -> None:
         if maxsize < 1:
             raise ValueError(f"{name}: queue size must be >= 1")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"{name}: max_bytes must be >= 1")
         self.name = name
         self._handler = handler
-        self._q: queue.Queue[T | None] = queue.Queue(maxsize=maxsize)
+        self._q: queue.Queue[tuple[T, int] | None] = queue.Queue(maxsize=maxsize)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.max_bytes = max_bytes
+        self.pending_bytes = 0
 
-    def submit(self, job: T) -> bool:
-        """Queue ``job``; False (nothing queued) when the queue is full."""
+    def submit(self, job: T, nbytes: int = 0) -> bool:
+        """Queue ``job`` (holding ``nbytes``); False (nothing queued) when the queue or its byte budget is full."""
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
                 self._thread.start()
-        try:
-            self._q.put_nowait(job)
+            if self.max_bytes is not None and self.pending_bytes + nbytes > self.max_bytes:
+                return False
+            try:
+                self._q.put_nowait((job, nbytes))
+            except queue.Full:
+                return False
+            self.pending_bytes += nbytes
             return True
-        except queue.Full:
-            return False
 
     def _run(self) -> None:
         while True:
-            job = self._q.get()
+            item = self._q.get()
             try:
-                if job is None:
+                if item is None:
                     return
-                self._handler(job)
+                self._handler(item[0])
             except Exception:  # noqa: BLE001 - a failed job is logged; the worker keeps serving
                 log.exception("%s: job failed", self.name)
             finally:
+                if item is not None:
+                    with self._lock:
+                        self.pending_bytes -= item[1]
                 self._q.task_done()
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -44,11 +44,14 @@ def test_codec_param_change_never_hits(tmp_path):
     b = dataclasses.replace(NS, codec="kivi", codec_params=Namespace.items({"bits": 2}))
     KVCache(store, a).put(TOKENS, KV)
     assert KVCache(store, b).lookup(TOKENS) == 0
-    # defaults are part of the key: int4 == kivi(bits=4)
-    assert (
-        KVCache(store, dataclasses.replace(NS, codec="int4")).namespace.codec_params
-        == KVCache(store, a).namespace.codec_params
-    )
+    # keys come from the codec's canonical name and effective parameters: "int4" and "kivi?bits=4" are one
+    # codec and share entries (they used to derive different keys), and a default is part of the key
+    int4 = KVCache(store, dataclasses.replace(NS, codec="int4"))
+    assert int4.namespace == KVCache(store, a).namespace
+    assert int4.chunks(TOKENS) == KVCache(store, a).chunks(TOKENS)
+    assert int4.lookup(TOKENS) == 48 and torch.equal(int4.get(TOKENS)[0], KVCache(store, a).get(TOKENS)[0])
+    wider = KVCache(store, dataclasses.replace(a, codec_params=Namespace.items({"bits": 4, "group_size": 64})))
+    assert wider.lookup(TOKENS) == 0
     store.close()
 
 
