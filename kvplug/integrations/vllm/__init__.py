@@ -8,6 +8,7 @@ import logging
 log = logging.getLogger("kvplug.vllm")
 CONNECTOR_NAME = "KVPlugConnector"
 CONNECTOR_MODULE = "kvplug.integrations.vllm.connector"
+SPARSE_BACKEND = "kvplug.integrations.vllm.sparse_backend.SparseCPUAttentionBackend"
 
 
 def register() -> None:
@@ -16,8 +17,22 @@ def register() -> None:
 
     from kvplug.integrations.vllm._compat import check_version
 
+    _register_sparse_backend()
     if CONNECTOR_NAME in KVConnectorFactory._registry:
         return
     check_version()
     KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
     log.debug("kvplug: registered %s", CONNECTOR_NAME)
+
+
+def _register_sparse_backend() -> None:
+    """On CPU, ``CPU_ATTN`` becomes kvplug's subclass: the stock backend until a sparse config switches it on
+    (docs/sparse.md). Idempotent; ``KVPLUG_SPARSE=off`` leaves vLLM's class in place."""
+    import os
+
+    from kvplug.integrations.vllm._compat import override_cpu_attention
+
+    if os.environ.get("KVPLUG_SPARSE", "").strip().lower() in ("off", "0", "false"):
+        return
+    if override_cpu_attention(SPARSE_BACKEND):
+        log.debug("kvplug: CPU_ATTN -> %s", SPARSE_BACKEND)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,3 +54,139 @@ def attention_backend_and_isa(vllm_config: VllmConfig, kv_layer: torch.Tensor) -
         cc, mc = vllm_config.cache_config, vllm_config.model_config
         isa = _get_attn_isa(kv_layer.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
     return name, isa
+
+
+# ---- sparse attention backend ----
+# Private vLLM internals used by kvplug.integrations.vllm.sparse_backend (verified with vLLM 0.32.0, CPU_ATTN).
+_BATCH = threading.local()
+
+
+def track_runner_batches() -> None:
+    """Wrap ``GPUModelRunner._build_attention_metadata`` (the CPU runner inherits it) so that, while attention
+    metadata builders run, :func:`batch_requests` can see the runner whose batch it is: vLLM hands builders only
+    tensors, and the sparse backend needs each row's request (its options and token ids). Idempotent; the wrapper
+    only records and clears a thread-local reference around the original call."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._build_attention_metadata
+    if getattr(original, "_kvplug_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _BATCH.runner = self
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _BATCH.runner = None
+
+    wrapper._kvplug_wrapped = True  # type: ignore[attr-defined]
+    GPUModelRunner._build_attention_metadata = wrapper  # type: ignore[method-assign]
+
+
+def batch_requests(num_rows: int) -> list[tuple[str, Any]] | None:
+    """``(request id, CachedRequestState)`` of each row of the batch whose metadata is being built (rows follow
+    ``input_batch.req_ids``); ``None`` outside a real batch (profiling and dummy runs, or rows that do not map)."""
+    runner = getattr(_BATCH, "runner", None)
+    if runner is None:
+        return None
+    ids = list(runner.input_batch.req_ids[:num_rows])
+    if len(ids) != num_rows or any(i is None or i not in runner.requests for i in ids):
+        return None
+    return [(i, runner.requests[i]) for i in ids]
+
+
+def live_request_ids() -> set[str] | None:
+    """Ids of the requests the current runner still holds (finished ones are gone); ``None`` outside a batch."""
+    runner = getattr(_BATCH, "runner", None)
+    return None if runner is None else set(runner.requests)
+
+
+def request_token_ids(state: Any) -> list[int]:
+    """Prompt then output token ids of a runner request state (``CachedRequestState``)."""
+    return list(state.prompt_token_ids or []) + list(state.output_token_ids or [])
+
+
+def request_kv_transfer_params(state: Any) -> dict[str, Any] | None:
+    """The request's ``kv_transfer_params`` (``SamplingParams.extra_args``), as the worker's runner holds them."""
+    sp = getattr(state, "sampling_params", None)
+    extra = getattr(sp, "extra_args", None) or {}
+    params = extra.get("kv_transfer_params")
+    return params if isinstance(params, dict) else None
+
+
+def layer_index(layer_name: str) -> int | None:
+    """The decoder-layer index in a vLLM attention layer name (``model.layers.7.self_attn.attn`` -> 7)."""
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    try:
+        return int(extract_layer_index(layer_name))
+    except (AssertionError, ValueError):
+        return None
+
+
+def cpu_attn_isa(vllm_config: VllmConfig, dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    """The CPU_ATTN ISA (which fixes the KV block layout) for this dtype, block and head size."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return str(_get_attn_isa(dtype, block_size, head_size, vllm_config.cache_config.cache_dtype))
+
+
+def cpu_scheduler_metadata(
+    num_reqs: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    seq_lens: torch.Tensor,
+    dtype: torch.dtype,
+    query_start_loc: torch.Tensor,
+    sliding_window: int,
+    isa: str,
+    kv_cache_dtype: str,
+) -> torch.Tensor:
+    """CPU_ATTN's work partition for one kernel call (``vllm._custom_ops.cpu_attn_get_scheduler_metadata``)."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=num_reqs,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        seq_lens=seq_lens,
+        dtype=dtype,
+        query_start_loc=query_start_loc,
+        causal=True,
+        sliding_window_size=sliding_window,
+        isa=isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=None,
+        kv_cache_dtype=kv_cache_dtype,
+    )
+
+
+def cpu_paged_attention(**kwargs: Any) -> None:
+    """CPU_ATTN's paged attention kernel (``vllm._custom_ops.cpu_attention_with_kv_cache``), keyword arguments as
+    vLLM's own backend passes them; writes ``output`` in place."""
+    from vllm import _custom_ops as ops
+
+    ops.cpu_attention_with_kv_cache(**kwargs)
+
+
+def override_cpu_attention(class_path: str) -> bool:
+    """Make ``CPU_ATTN`` resolve to ``class_path`` (vLLM's attention-backend registry; CPU platform only).
+    Idempotent; leaves someone else's override in place (returns False, with a warning)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return False
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    backend = AttentionBackendEnum.CPU_ATTN
+    if backend.is_overridden():
+        if backend.get_path() == class_path:
+            return True
+        log.warning("kvplug: CPU_ATTN is already overridden by %s; kvplug sparse attention is off", backend.get_path())
+        return False
+    register_backend(backend, class_path)
+    return True

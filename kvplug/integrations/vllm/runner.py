@@ -42,6 +42,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     from prometheus_client import REGISTRY
     from vllm import LLM, SamplingParams
 
+    for target in spec.get("faults", []):
+        inject_fault(target)
+
     kv_cfg = None
     if spec.get("connector", True):
         kv_cfg = {
@@ -62,6 +65,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         kv_transfer_config=kv_cfg,
         seed=0,
         num_gpu_blocks_override=spec.get("num_blocks"),
+        additional_config=spec.get("additional_config") or {},  # e.g. {"kvplug_sparse": {...}}
     )
     outs = []
     params = spec.get("params") or [None] * len(spec["prompts"])
@@ -84,11 +88,28 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
             _flush(llm)  # this prompt's saves land before the next prompt looks up
     metrics = {}
     for fam in REGISTRY.collect():
-        if fam.name.startswith(("kvplug_connector", "kvplug_payload", "kvplug_store")):
+        if fam.name.startswith(
+            ("kvplug_connector", "kvplug_payload", "kvplug_store", *spec.get("metric_prefixes", ()))
+        ):
             for s in fam.samples:
                 if s.name.endswith(("_total", "_count", "_sum")):
                     metrics[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
     return {"outputs": outs, "metrics": metrics}
+
+
+def inject_fault(target: str) -> None:
+    """Fault injection for the robustness tests: make ``"module:Class.method"`` raise ``RuntimeError`` in this
+    engine process (a stand-in for a bug or an unexpected library error at that point)."""
+    import importlib
+
+    module, _, attr = target.partition(":")
+    cls_name, _, meth = attr.partition(".")
+    cls = getattr(importlib.import_module(module), cls_name)
+
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"injected fault in {target}")
+
+    setattr(cls, meth, boom)
 
 
 def _out(o: Any, seconds: float) -> dict[str, Any]:
