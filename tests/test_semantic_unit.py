@@ -47,10 +47,12 @@ def test_default_policy_has_reference_defaults_and_required_categories():
     assert x.threshold_floor == 0.8 and x.ttl_ceiling == 3600.0  # never loosened unless bounds are given
     assert "default" in bare.categories
     # sensitive categories are strict and never loosened; time-sensitive has a short TTL
-    assert pol.categories["health"].threshold >= 0.95 and pol.categories["health"].threshold_floor >= 0.95
-    assert pol.categories["finance"].threshold_floor >= 0.95
+    for name in ("health", "finance"):
+        c = pol.categories[name]
+        assert c.threshold >= 0.9 and c.threshold_floor == c.threshold and c.ttl_ceiling == c.ttl
     assert pol.categories["time_sensitive"].ttl <= 600
     assert pol.categories["code"].threshold > pol.categories["chat"].threshold
+    assert pol.categories["time_sensitive"].ttl < pol.categories["factual"].ttl
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,15 @@
 """The semantic cache: classify, search the category's HNSW index within the request's scope, fetch from Redis.
 
-Lookup: embed the query (off the event loop), classify it, search the category index for the nearest entries of
-the same scope, and take the first whose similarity reaches the category's effective threshold, whose document
-still exists in Redis (else the label is dropped from the index) and whose age is within the effective TTL (else
-the document is deleted). Insert: store the document in Redis with expiry ``max_ttl`` (the longest the adaptive
-policy may keep it), add it to the index, then evict within the category quota.
+Lookup: embed the query, classify it and compute its verification features (all on the embedding worker thread,
+off the event loop; a query longer than the embedder's window is a bypass), then search the category's index,
+and every other category's index holding entries of the same scope, for the nearest entries. A candidate from the
+query's own category needs the category's effective threshold; one from another category needs the stricter of
+the two thresholds, passes the union of both categories' verification checks and the shorter TTL (so a paraphrase
+classified differently from its original can still hit, never more loosely than either category allows). The
+most similar candidate that reaches its threshold, passes verification (:mod:`kvplug.semantic.verify`), whose
+document still exists in Redis (else the label is dropped from the index) and whose age is within the TTL (else
+the document is deleted) is the hit. Insert: store the document in Redis with expiry ``max_ttl`` (the longest the
+adaptive policy may keep it), add it to the index, then evict within the category quota.
 
 ``sync()`` reconciles the in-memory side with Redis: it loads every document the index does not know (start-up
 rebuild, or entries written by another proxy) and drops index entries whose document is gone (expired, evicted
@@ -31,10 +36,11 @@ from kvplug.semantic.document import CacheDocument
 from kvplug.semantic.embedder import AsyncEmbedder
 from kvplug.semantic.index import VectorIndex
 from kvplug.semantic.metrics import SemanticMetrics
-from kvplug.semantic.policy import Policy
+from kvplug.semantic.policy import CategoryPolicy, Policy
 from kvplug.semantic.quota import CategoryEntries, Entry
 from kvplug.semantic.scope import RequestInfo
 from kvplug.semantic.store import DocStore
+from kvplug.semantic.verify import CHECKS, QueryFeatures, Verifier
 
 log = logging.getLogger("kvplug.semantic")
 
@@ -48,6 +54,18 @@ class Lookup:
     similarity: float = -1.0  # best same-scope similarity seen (-1: no candidate)
     threshold: float = 1.0
     doc: CacheDocument | None = None
+    features: QueryFeatures | None = None
+    refused: str = ""  # the verification check that refused the best candidate above its threshold
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    similarity: float
+    category: str  # where the entry lives
+    label: int
+    threshold: float
+    checks: tuple[str, ...]
+    ttl: float
 
 
 class SemanticCache:
@@ -58,9 +76,10 @@ class SemanticCache:
         store: DocStore,
         metrics: SemanticMetrics,
         load: LoadController,
-        candidates: int = 4,
+        candidates: int = 8,
         dedup_similarity: float = 0.995,
         clock: Callable[[], float] = time.time,
+        verifier: Verifier | None = None,
     ) -> None:
         self.policy = policy
         self.embedder = embedder
@@ -70,7 +89,10 @@ class SemanticCache:
         self.candidates = candidates
         self.dedup_similarity = dedup_similarity
         self.clock = clock
+        vocab = getattr(embedder.embedder, "vocabulary", None) if isinstance(embedder, AsyncEmbedder) else None
+        self.verifier = verifier or Verifier(vocabulary=vocab or None)
         self.classifier: CategoryClassifier | None = None
+        self._features: dict[int, QueryFeatures] = {}
         self._indexes: dict[str, VectorIndex] = {}
         self._entries = {name: CategoryEntries(c.eviction) for name, c in policy.categories.items()}
         self._scope_of: dict[int, str] = {}
@@ -88,7 +110,10 @@ class SemanticCache:
         for name, ts in examples.items():
             by_cat[name] = vecs[i : i + len(ts)]
             i += len(ts)
-        self.classifier = CategoryClassifier(self.policy, by_cat)
+        self.classifier = CategoryClassifier(self.policy, by_cat, self.verifier.max_chars)
+        clf, verifier = self.classifier, self.verifier
+        self.embedder.post = lambda text, vec: (clf.classify(text, vec), verifier.features(text))
+        self.embedder.clear()
         try:
             await self.sync()
         except StoreError as e:
@@ -106,8 +131,10 @@ class SemanticCache:
         return lambda label: scope_of.get(label) == scope
 
     # ---- entries -----------------------------------------------------------------------------------------
-    def _add(self, category: str, entry: Entry, vector: np.ndarray) -> None:
+    def _add(self, category: str, entry: Entry, vector: np.ndarray, features: QueryFeatures | None) -> None:
         self._index(category).add(entry.doc_id, vector)
+        if features is not None:
+            self._features[entry.doc_id] = features
         self._scope_of[entry.doc_id] = entry.scope
         self._scope_counts[(category, entry.scope)] += 1
 
@@ -115,6 +142,7 @@ class SemanticCache:
         idx = self._indexes.get(category)
         if idx is not None:
             idx.remove(doc_id)
+        self._features.pop(doc_id, None)
         scope = self._scope_of.pop(doc_id, None)
         if scope is not None:
             key = (category, scope)
@@ -163,49 +191,81 @@ class SemanticCache:
             pass  # they expire anyway
 
     # ---- lookup and insert ---------------------------------------------------------------------------------
+    def _candidates(self, info: RequestInfo, vec: np.ndarray, cat: CategoryPolicy, pressure: float) -> list[_Candidate]:
+        """Same-scope candidates of every category index, most similar first, each with the threshold, checks and
+        TTL that apply to it."""
+        own = self.load.effective(cat, pressure)
+        out: list[_Candidate] = []
+        for name, other in self.policy.categories.items():
+            n = self._scope_counts.get((name, info.scope), 0)
+            if not n:
+                continue
+            if name == cat.name:
+                thr, checks, ttl = own.threshold, cat.verify, own.ttl
+            else:
+                eff = self.load.effective(other, pressure)
+                thr, ttl = max(own.threshold, eff.threshold), min(own.ttl, eff.ttl)
+                checks = tuple(c for c in CHECKS if c in cat.verify or c in other.verify)
+            for label, sim in self._index(name).search(vec, min(self.candidates, n), self._allowed(info.scope)):
+                out.append(_Candidate(sim, name, label, thr, checks, ttl))
+        out.sort(key=lambda c: -c.similarity)
+        return out
+
     async def lookup(self, info: RequestInfo) -> Lookup:
         if not self.store.available:
             return Lookup("bypass", reason="redis_unavailable")
         t0 = time.perf_counter()
-        vec = await self.embedder.embed(info.query)
-        assert self.classifier is not None, "start() first"
-        cat = self.policy.category(self.classifier.classify(info.query, vec).category)
-        eff = self.load.effective(cat)
-        lk = Lookup("miss", category=cat.name, vector=vec, threshold=eff.threshold)
-        n = self._scope_counts.get((cat.name, info.scope), 0)
-        found = self._index(cat.name).search(vec, min(self.candidates, n), self._allowed(info.scope)) if n else []
+        emb = await self.embedder.analyze(info.query)
+        if not emb.fits:  # the model would not see the whole question: two such questions could look identical
+            return Lookup("bypass", reason="too_long")
+        assert self.classifier is not None and emb.extra is not None, "start() first"
+        classification, features = emb.extra
+        vec = emb.vector
+        cat = self.policy.category(classification.category)
+        pressure = self.load.pressure()
+        eff = self.load.effective(cat, pressure)
+        lk = Lookup("miss", category=cat.name, vector=vec, threshold=eff.threshold, features=features)
+        found = self._candidates(info, vec, cat, pressure)
         if found:
-            lk.similarity = found[0][1]
-            self.metrics.similarity.labels(cat.name).observe(max(0.0, found[0][1]))
+            lk.similarity = found[0].similarity
+            self.metrics.similarity.labels(cat.name).observe(max(0.0, found[0].similarity))
         now = self.clock()
-        for label, sim in found:
-            if sim < eff.threshold:
-                break
+        for c in found:
+            if c.similarity < c.threshold:
+                continue
+            if c.checks:
+                stored = self._features.get(c.label)
+                why = "missing" if stored is None else self.verifier.mismatch(features, stored, c.checks)
+                if why:
+                    self.metrics.verify_refused.labels(cat.name, why).inc()
+                    lk.refused = lk.refused or why
+                    continue
             try:
-                raw = await self.store.fetch(cat.name, label)
+                raw = await self.store.fetch(c.category, c.label)
             except StoreError:
                 self.metrics.lookup_seconds.labels("bypass").observe(time.perf_counter() - t0)
                 return Lookup("bypass", reason="redis_unavailable", category=cat.name, similarity=lk.similarity)
             if raw is None:
-                self.forget(cat.name, label, "missing")
+                self.forget(c.category, c.label, "missing")
                 continue
             try:
-                doc = CacheDocument.from_fields(label, cat.name, raw)
+                doc = CacheDocument.from_fields(c.label, c.category, raw)
             except PayloadError as e:
                 self.metrics.payload_errors.labels(e.kind).inc()
-                self.forget(cat.name, label, "corrupt")
-                self.spawn(self._delete_quietly([self.store.key(cat.name, label)]))
+                self.forget(c.category, c.label, "corrupt")
+                self.spawn(self._delete_quietly([self.store.key(c.category, c.label)]))
                 continue
             if doc.scope != info.scope or doc.endpoint != info.endpoint:  # never serve across scopes
                 self.metrics.payload_errors.labels("scope").inc()
-                self.forget(cat.name, label, "corrupt")
+                self.forget(c.category, c.label, "corrupt")
                 continue
-            if now - doc.created > eff.ttl:
-                self.forget(cat.name, label, "expired")
-                self.spawn(self._delete_quietly([self.store.key(cat.name, label)]))
+            if now - doc.created > c.ttl:
+                if c.category == cat.name:  # too old for its own category: gone for everyone
+                    self.forget(c.category, c.label, "expired")
+                    self.spawn(self._delete_quietly([self.store.key(c.category, c.label)]))
                 continue
-            self._entries[cat.name].touch(label, now)
-            lk.status, lk.doc, lk.similarity = "hit", doc, sim
+            self._entries[c.category].touch(c.label, now)
+            lk.status, lk.doc, lk.similarity = "hit", doc, c.similarity
             break
         self.metrics.lookup_seconds.labels(lk.status).observe(time.perf_counter() - t0)
         return lk
@@ -249,7 +309,7 @@ class SemanticCache:
         key = self.store.key(cat.name, doc.doc_id)
         entry = Entry(doc.doc_id, key, info.scope, now, now, 0, nbytes)
         self._entries[cat.name].add(entry)
-        self._add(cat.name, entry, lk.vector)
+        self._add(cat.name, entry, lk.vector, lk.features or self.verifier.features(info.query))
         self.metrics.inserts.labels(cat.name).inc()
         victims = self._enforce_quota(cat.name)
         if victims:
@@ -286,14 +346,13 @@ class SemanticCache:
             if doc.embedder != self.embedder.name or doc.embedding is None or doc.embedding.size != self.embedder.dim:
                 continue  # embedded by another model: useless here
             last = doc.last_hit or doc.created
-            fresh.setdefault(cat, []).append(
-                (Entry(doc_id, key, doc.scope, doc.created, last, doc.hits, doc.nbytes), doc.embedding)
-            )
+            entry = Entry(doc_id, key, doc.scope, doc.created, last, doc.hits, doc.nbytes)
+            fresh.setdefault(cat, []).append((entry, doc.embedding, self.verifier.features(doc.prompt)))
         victims: list[str] = []
         for cat, items in fresh.items():
-            self._entries[cat].add_sorted([e for e, _ in items])
-            for e, vec in items:
-                self._add(cat, e, vec)
+            self._entries[cat].add_sorted([e for e, _, _ in items])
+            for e, vec, feats in items:
+                self._add(cat, e, vec, feats)
             loaded += len(items)
             victims += self._enforce_quota(cat)
         if corrupt or victims:

@@ -52,6 +52,15 @@ def serve(
     embed_threads: Annotated[
         int | None, typer.Option(help="Torch threads of the embedder (default: 1; 0: torch's)")
     ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="One similarity threshold for every category (default: the policy's)")
+    ] = None,
+    max_request_bytes: Annotated[
+        int | None, typer.Option(help="Larger request bodies get 413 (default: 32 MiB)")
+    ] = None,
+    max_query_chars: Annotated[
+        int | None, typer.Option(help="Longer questions are forwarded, never cached (default: 4096)")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning")] = "info",
 ) -> None:
     """Run the proxy. Settings: flags > KVPLUG_SEMANTIC_* environment > defaults."""
@@ -73,6 +82,9 @@ def serve(
         "redis_timeout_s": redis_timeout,
         "sweep_interval_s": sweep_interval,
         "embed_threads": embed_threads,
+        "threshold": threshold,
+        "max_request_bytes": max_request_bytes,
+        "max_query_chars": max_query_chars,
     }
     try:
         cfg = SemanticCacheConfig.load(overrides)
@@ -105,5 +117,6 @@ def show_policy(
     if path is None:
         typer.echo(policy_yaml(DEFAULT_POLICY), nl=False)
         return
-    typer.echo(f"# {pol.source}: OK, {len(pol.categories)} categories, default {pol.default_category!r}")
+    n = len(pol.categories)
+    typer.echo(f"# {pol.source}: OK, {n} {'category' if n == 1 else 'categories'}, default {pol.default_category!r}")
     typer.echo(Path(path).read_text(), nl=False)

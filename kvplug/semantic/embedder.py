@@ -1,8 +1,11 @@
 """Text embedders: the :class:`Embedder` protocol, MiniLM (sentence-transformers, offline) and a hash embedder.
 
 Embeddings are float32, L2-normalised (cosine similarity = dot product). :class:`AsyncEmbedder` runs an embedder
-off the event loop on one worker thread, batches queries that arrive while the model is busy and keeps a small
-exact-text LRU, so the proxy stays responsive and repeated prompts skip the model.
+off the event loop on one worker thread, batches queries that arrive while the model is busy and keeps an
+exact-text LRU bounded by bytes (keyed by a 128-bit digest of the text, so a long prompt is not kept), so the proxy
+stays responsive and repeated prompts skip the model. On the same thread it checks that each text fits the model's
+window (text past it is not seen by the model, so two questions differing there would look identical) and runs an
+optional per-text analysis (the cache's classifier and verification features).
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ import importlib
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import xxhash
@@ -64,6 +68,15 @@ class SentenceTransformerEmbedder:
         self.model = SentenceTransformer(model_path, device=device)
         getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(getter())
+        self.max_tokens = int(self.model.max_seq_length or 0)  # word pieces the model reads (special tokens incl.)
+        self.vocabulary = frozenset(getattr(self.model.tokenizer, "vocab", None) or ())
+
+    def fits(self, texts: Sequence[str]) -> list[bool]:
+        """Whether each text fits the model's window (longer ones are truncated by the model)."""
+        if not self.max_tokens:
+            return [True] * len(texts)
+        ids = self.model.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        return [len(i) <= self.max_tokens for i in ids]
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         out = self.model.encode(
@@ -132,15 +145,41 @@ def _set_torch_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-class AsyncEmbedder:
-    """Embeds on one worker thread; queries arriving while it is busy go in the next batch."""
+@dataclass(frozen=True)
+class Embedded:
+    """One text through :class:`AsyncEmbedder`: its vector, whether it fits the model's window, and what the
+    ``post`` function returned for it (None without one)."""
 
-    def __init__(self, embedder: Embedder, max_batch: int = 32, cache_size: int = 4096) -> None:
+    vector: np.ndarray
+    fits: bool = True
+    extra: Any = None
+
+
+_ENTRY_OVERHEAD = 512  # bytes per LRU entry besides the vector: digest key, record, dict slot, analysis
+
+
+class AsyncEmbedder:
+    """Embeds on one worker thread; queries arriving while it is busy go in the next batch.
+
+    ``cache_bytes`` bounds the exact-text LRU (vector + a fixed per-entry overhead); ``cache_size`` (optional)
+    bounds its entry count too. ``post(text, vector)`` runs on the worker thread after each embedding."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        max_batch: int = 32,
+        cache_size: int | None = None,
+        cache_bytes: int = 16 << 20,
+        post: Callable[[str, np.ndarray], Any] | None = None,
+    ) -> None:
         self.embedder = embedder
         self.max_batch = max_batch
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._pending: list[tuple[str, asyncio.Future[np.ndarray]]] = []
+        self.cache_bytes = cache_bytes
+        self.post = post
+        self._cache: OrderedDict[bytes, Embedded] = OrderedDict()
+        self.cache_nbytes = 0
+        self._pending: list[tuple[str, bytes, asyncio.Future[Embedded]]] = []
         self._running = False
         self._executor = ThreadPoolExecutor(
             max_workers=1,
@@ -158,17 +197,52 @@ class AsyncEmbedder:
         return self.embedder.dim
 
     async def embed(self, text: str) -> np.ndarray:
-        hit = self._cache.get(text)
+        return (await self.analyze(text)).vector
+
+    async def analyze(self, text: str) -> Embedded:
+        """The text's vector, window check and ``post`` result (from the LRU when the same text was seen)."""
+        key = xxhash.xxh3_128_digest(text.encode("utf-8", "surrogatepass"))
+        hit = self._cache.get(key)
         if hit is not None:
-            self._cache.move_to_end(text)
+            self._cache.move_to_end(key)
             return hit
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending.append((text, fut))
+        fut: asyncio.Future[Embedded] = loop.create_future()
+        self._pending.append((text, key, fut))
         if not self._running:
             self._running = True
             loop.create_task(self._drain())
         return await fut
+
+    def clear(self) -> None:
+        """Forget every cached text (the ``post`` function changed)."""
+        self._cache.clear()
+        self.cache_nbytes = 0
+
+    def _remember(self, key: bytes, item: Embedded) -> None:
+        if self.cache_bytes <= 0 or self.cache_size == 0:
+            return
+        cost = item.vector.nbytes + _ENTRY_OVERHEAD
+        if key in self._cache or cost > self.cache_bytes:
+            return
+        self._cache[key] = item
+        self.cache_nbytes += cost
+        while self._cache and (
+            self.cache_nbytes > self.cache_bytes or (self.cache_size is not None and len(self._cache) > self.cache_size)
+        ):
+            _, old = self._cache.popitem(last=False)
+            self.cache_nbytes -= old.vector.nbytes + _ENTRY_OVERHEAD
+
+    def _work(self, texts: list[str]) -> list[Embedded]:
+        """The worker thread's job for one batch."""
+        vecs = self.embedder.embed(texts)
+        fits_fn = getattr(self.embedder, "fits", None)
+        fits = fits_fn(texts) if callable(fits_fn) else [True] * len(texts)
+        post = self.post
+        return [
+            Embedded(vec, ok, post(text, vec) if post is not None else None)
+            for text, vec, ok in zip(texts, vecs, fits, strict=True)
+        ]
 
     async def embed_many(self, texts: Sequence[str]) -> np.ndarray:
         """A batch in one call (start-up: the classifier's examples)."""
@@ -184,19 +258,16 @@ class AsyncEmbedder:
                 batch = self._pending[: self.max_batch]
                 del self._pending[: self.max_batch]
                 try:
-                    vecs = await loop.run_in_executor(self._executor, self.embedder.embed, [t for t, _ in batch])
+                    items = await loop.run_in_executor(self._executor, self._work, [t for t, _, _ in batch])
                 except Exception as e:  # noqa: BLE001 - handed to every waiter
-                    for _, fut in batch:
+                    for _, _, fut in batch:
                         if not fut.done():
                             fut.set_exception(e)
                     continue
-                for (text, fut), vec in zip(batch, vecs, strict=True):
-                    if self.cache_size:
-                        self._cache[text] = vec
-                        if len(self._cache) > self.cache_size:
-                            self._cache.popitem(last=False)
+                for (_, key, fut), item in zip(batch, items, strict=True):
+                    self._remember(key, item)
                     if not fut.done():
-                        fut.set_result(vec)
+                        fut.set_result(item)
         finally:
             self._running = False
 

@@ -34,11 +34,21 @@ class SemanticMetrics:
             f"{NS}_redis_errors", "Redis failures (each one a pass-through)", ["op", "kind"], registry=r
         )
         self.payload_errors = Counter(f"{NS}_payload_errors", "Stored documents refused", ["kind"], registry=r)
+        self.verify_refused = Counter(
+            f"{NS}_verify_refused",
+            "Candidates above the threshold refused by verification (numbers, time, entities, negation, direction)",
+            ["category", "check"],
+            registry=r,
+        )
         self.upstream = Counter(
             f"{NS}_upstream_responses", "Upstream answers by status (or connect_error/timeout)", ["status"], registry=r
         )
         self.speculative = Counter(
-            f"{NS}_speculative", "Speculative races: cache_won, upstream_won, lookup_miss", ["outcome"], registry=r
+            f"{NS}_speculative",
+            "Speculative races: cache_won, cache_won_late, cache_won_upstream_failed, upstream_won, lookup_miss, "
+            "upstream_won_over_hit",
+            ["outcome"],
+            registry=r,
         )
         self.saved_tokens = Counter(
             f"{NS}_saved_completion_tokens",

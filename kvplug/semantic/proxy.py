@@ -6,8 +6,12 @@ streamed. Each answer carries ``x-kvplug-cache: hit|miss|bypass`` and, when know
 ``x-kvplug-similarity`` and ``x-kvplug-cache-reason`` (why a request bypassed the cache).
 
 Failure rules: Redis down or slow means pass-through (counted, never an error to the client); an upstream error is
-passed through unchanged (status code and body) and never cached; only a refused or timed-out upstream
-connection gets the proxy's own 502/504 in OpenAI's error format.
+passed through unchanged (status code and body) and never cached, unless the cache holds a hit for the request
+(a hit is served whenever the upstream fails: refused, timed out, 5xx or 429); only a refused or timed-out
+upstream connection gets the proxy's own 502/504 in OpenAI's error format (which never names the upstream).
+Hostile input: a body over ``max_request_bytes`` gets 413; one over ``max_parse_bytes``, one that is not JSON (or
+nested too deeply to parse) and one the proxy fails to analyse for any reason are forwarded unchanged (bypass);
+the proxy never answers 500 itself.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp import web
@@ -32,9 +37,10 @@ from kvplug.semantic.config import SemanticCacheConfig
 from kvplug.semantic.embedder import AsyncEmbedder, Embedder, make_embedder
 from kvplug.semantic.metrics import SemanticMetrics
 from kvplug.semantic.openai_io import StreamAccumulator, cacheable_choices, hit_body, hit_events
-from kvplug.semantic.policy import Policy, load_policy
+from kvplug.semantic.policy import Policy, load_policy, with_threshold
 from kvplug.semantic.scope import RequestInfo, analyze
 from kvplug.semantic.store import DocStore
+from kvplug.semantic.verify import Verifier
 
 log = logging.getLogger("kvplug.semantic")
 
@@ -75,6 +81,22 @@ def _error_body(status: int, kind: str, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
 
 
+def redact_url(url: str) -> str:
+    """A URL without its user and password (for logs)."""
+    u = urlsplit(url)
+    if u.username is None and u.password is None:
+        return url
+    host = u.hostname or ""
+    if u.port:
+        host = f"{host}:{u.port}"
+    return urlunsplit((u.scheme, host, u.path, u.query, u.fragment))
+
+
+def _failed(up: Upstream) -> bool:
+    """The upstream could not answer: refused, timed out, a server error or overloaded."""
+    return up.status >= 500 or up.status == 429
+
+
 class SemanticCacheProxy:
     """Build with a config (and optionally an already loaded embedder / policy / registry); ``app()`` is the
     aiohttp application. The embedder is shared, not closed: tests load MiniLM once for many proxies."""
@@ -87,7 +109,7 @@ class SemanticCacheProxy:
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.config = config
-        self.policy = policy or load_policy(config.policy)
+        self.policy = with_threshold(policy or load_policy(config.policy), config.threshold)
         self._embedder = embedder
         self.metrics = SemanticMetrics(registry)
         self.load = LoadController(self.policy.adaptive)
@@ -100,7 +122,7 @@ class SemanticCacheProxy:
 
     # ---- application ---------------------------------------------------------------------------------------
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 << 20)
+        app = web.Application(client_max_size=self.config.max_request_bytes)
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/chat/completions", self._completion)
@@ -125,9 +147,22 @@ class SemanticCacheProxy:
             cfg.redis_timeout_s,
             cfg.redis_backoff_max_s,
             on_error=lambda op, kind: self.metrics.redis_errors.labels(op, kind).inc(),
+            timeout_max_s=cfg.redis_timeout_max_s,
         )
-        embedder = AsyncEmbedder(self._embedder, cfg.embed_max_batch, cfg.embed_cache_size)
-        self.cache = SemanticCache(self.policy, embedder, self.store, self.metrics, self.load)
+        embedder = AsyncEmbedder(
+            self._embedder, cfg.embed_max_batch, cache_size=cfg.embed_cache_size, cache_bytes=cfg.embed_cache_bytes
+        )
+        self.cache = SemanticCache(
+            self.policy,
+            embedder,
+            self.store,
+            self.metrics,
+            self.load,
+            candidates=cfg.candidates,
+            verifier=Verifier(
+                vocabulary=getattr(self._embedder, "vocabulary", None) or None, max_chars=cfg.max_query_chars
+            ),
+        )
         await self.cache.start()
         self.cache.update_gauges()
         if cfg.sweep_interval_s > 0:
@@ -138,7 +173,7 @@ class SemanticCacheProxy:
         log.info(
             "semantic cache: %d entries loaded from Redis, upstream %s, policy: %s",
             self.cache.size(),
-            self.upstream,
+            redact_url(self.upstream),
             self.policy.source,
         )
 
@@ -238,11 +273,12 @@ class SemanticCacheProxy:
         except asyncio.TimeoutError:
             self.metrics.upstream.labels("timeout").inc()
             hdr = CIMultiDict({"Content-Type": "application/json"})
-            return Upstream(504, hdr, t0, _error_body(504, "upstream_timeout", f"upstream {self.upstream} timed out"))
+            return Upstream(504, hdr, t0, _error_body(504, "upstream_timeout", "the upstream server timed out"))
         except aiohttp.ClientError as e:
             self.metrics.upstream.labels("connect_error").inc()
+            log.debug("upstream %s unreachable: %s", redact_url(self.upstream), type(e).__name__)
             hdr = CIMultiDict({"Content-Type": "application/json"})
-            msg = f"upstream {self.upstream} unreachable: {e}"
+            msg = "the upstream server is unreachable"
             return Upstream(502, hdr, t0, _error_body(502, "upstream_unavailable", msg))
         self.metrics.upstream.labels(str(resp.status)).inc()
         if stream and resp.status == 200 and "text/event-stream" in resp.headers.get("Content-Type", ""):
@@ -255,8 +291,10 @@ class SemanticCacheProxy:
                     head += chunk
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 resp.close()
+                log.debug("upstream stream failed: %s", type(e).__name__)
                 hdr = CIMultiDict({"Content-Type": "application/json"})
-                return Upstream(502, hdr, t0, _error_body(502, "upstream_unavailable", f"upstream stream failed: {e}"))
+                msg = "the upstream stream failed"
+                return Upstream(502, hdr, t0, _error_body(502, "upstream_unavailable", msg))
             except BaseException:
                 resp.close()  # cancelled by a speculative hit: abort the upstream request
                 raise
@@ -264,8 +302,10 @@ class SemanticCacheProxy:
         try:
             body = await resp.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            log.debug("upstream read failed: %s", type(e).__name__)
             hdr = CIMultiDict({"Content-Type": "application/json"})
-            return Upstream(502, hdr, t0, _error_body(502, "upstream_unavailable", f"upstream read failed: {e}"))
+            msg = "reading the upstream answer failed"
+            return Upstream(502, hdr, t0, _error_body(502, "upstream_unavailable", msg))
         finally:
             resp.release()
         return Upstream(resp.status, CIMultiDict(resp.headers), t0, body=body)
@@ -284,7 +324,7 @@ class SemanticCacheProxy:
             if on_choices is not None and up.status == 200 and info is not None:
                 try:
                     payload = json.loads(up.body or b"")
-                except ValueError:
+                except (ValueError, RecursionError):
                     payload = None
                 choices = cacheable_choices(info.endpoint, up.status, payload, self.config.cache_tools)
                 if choices is not None:
@@ -347,17 +387,33 @@ class SemanticCacheProxy:
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         endpoint = ENDPOINTS[request.path]
-        raw = await request.read()
+        raw = await request.read()  # over max_request_bytes: aiohttp answers 413
+        if len(raw) > self.config.max_parse_bytes:
+            return await self._bypass(request, raw, None, endpoint, "too_large")
+        try:
+            return await self._cached_completion(request, raw, endpoint)
+        except (asyncio.CancelledError, web.HTTPException):
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever failed in the proxy, the client gets the upstream's answer
+            log.warning("semantic cache: request handling failed, forwarding it unchanged: %r", e)
+            return await self._bypass(request, raw, None, endpoint, "proxy_error")
+
+    async def _cached_completion(self, request: web.Request, raw: bytes, endpoint: str) -> web.StreamResponse:
         try:
             body = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deeply to parse: the upstream decides
             body = None
         if not isinstance(body, dict):
             return await self._bypass(request, raw, None, endpoint, "bad_request")
-        info = analyze(body, request.headers, endpoint, self.config)
-        data = json.dumps(info.body).encode() if info.body_changed else raw
+        try:
+            info = analyze(body, request.headers, endpoint, self.config)
+            data = json.dumps(info.body).encode() if info.body_changed else raw
+        except (ValueError, TypeError, RecursionError):
+            return await self._bypass(request, raw, None, endpoint, "bad_request")
         if info.bypass:
             return await self._bypass(request, data, info, endpoint, info.bypass)
+        if len(info.query) > self.config.max_query_chars:
+            return await self._bypass(request, data, info, endpoint, "too_long")
         assert self.cache is not None and self.store is not None
         if not self.cache.synced or not self.store.up:
             # Redis failed (or was down at start-up): pass through without embedding, and probe it in the
@@ -468,11 +524,32 @@ class SemanticCacheProxy:
             self.metrics.misses.labels(lk.category).inc()
             self.metrics.requests.labels(info.endpoint, "miss").inc()
             return await self._relay(request, info, up, self._tags("miss", lk), self._inserter(info, lk))
+        up = up_task.result()
+        if _failed(up):
+            # the upstream failed first: a hit is still served (and the failure relayed only on a miss)
+            lk = await lookup_task
+            if lk.status == "hit":
+                self.metrics.speculative.labels("cache_won_upstream_failed").inc()
+                return await self._serve_hit(request, info, lk)
+            outcome = "bypass" if lk.status == "bypass" else "miss"
+            if outcome == "miss":
+                self.metrics.misses.labels(lk.category).inc()
+            else:
+                self.metrics.bypass.labels(lk.reason).inc()
+            self.metrics.requests.labels(info.endpoint, outcome).inc()
+            return await self._relay(request, info, up, self._tags(outcome, lk, lk.reason))
+        if up.resp is not None and self.config.speculative_grace_s > 0:
+            # a stream's first event came first: a hit found within the grace still saves the rest of the generation
+            done, _ = await asyncio.wait({lookup_task}, timeout=self.config.speculative_grace_s)
+            if done and lookup_task.result().status == "hit":
+                self.metrics.speculative.labels("cache_won_late").inc()
+                up.resp.close()
+                return await self._serve_hit(request, info, lookup_task.result())
         # the upstream answered first: relay it now; the lookup's outcome decides later whether to store it
         self.metrics.speculative.labels("upstream_won").inc()
         self.metrics.requests.labels(info.endpoint, "miss").inc()
         answer: dict[str, Any] = {}
-        out = await self._relay(request, info, up_task.result(), self._tags("miss"), answer.update)
+        out = await self._relay(request, info, up, self._tags("miss"), answer.update)
         assert self.cache is not None
         self.cache.spawn(self._after_race(info, lookup_task, answer or None))
         return out

@@ -1,7 +1,9 @@
 """The document store: Redis through redis-py's asyncio client (hiredis parser), behind a circuit breaker.
 
-Every operation on the request path has a deadline (``timeout_s``; background scans and batches get
-``bulk_timeout_s``, at least 5 s); a refused connection, a timeout or any socket error raises
+Every operation on the request path has a deadline: the larger of ``timeout_s`` and 8x the EWMA of recent
+operation latencies, at most ``timeout_max_s`` (so a loaded machine whose Redis answers in 50 ms is not taken for
+a dead Redis); background scans, batches and the recovery ping get ``bulk_timeout_s`` (at least 5 s). A refused
+connection, a timeout or any socket error raises
 :class:`kvplug.errors.StoreError` and opens the breaker, which answers "unavailable" at once for an exponential
 back-off (50 ms doubling up to ``backoff_max_s``) before trying Redis again. The proxy turns all of it into a
 pass-through to the upstream. redis-py's own retries are off: one failure is enough to stop waiting on Redis.
@@ -43,9 +45,12 @@ class DocStore:
         timeout_s: float = 0.25,
         backoff_max_s: float = 5.0,
         on_error: Callable[[str, str], None] | None = None,
+        timeout_max_s: float | None = None,
     ) -> None:
         self.prefix = prefix
         self.timeout_s = timeout_s
+        self.timeout_max_s = max(timeout_s, timeout_max_s if timeout_max_s is not None else timeout_s)
+        self._latency = 0.0  # EWMA of request-path operation latencies (seconds)
         self.bulk_timeout_s = max(5.0, timeout_s)  # background scans and batches (start-up rebuild, sweep)
         self.backoff_max_s = backoff_max_s
         self.on_error = on_error or (lambda op, kind: None)
@@ -76,8 +81,9 @@ class DocStore:
         if now < self._down_until:
             self.on_error(op, "unavailable")
             raise StoreError("unavailable", f"redis marked down for {self._down_until - now:.2f}s more")
+        t0 = time.perf_counter()
         try:
-            out = await asyncio.wait_for(fn(), timeout or self.timeout_s)
+            out = await asyncio.wait_for(fn(), timeout or self.deadline)
         except (redis.ConnectionError, redis.TimeoutError, OSError, asyncio.TimeoutError) as e:
             self._backoff = min(self.backoff_max_s, max(0.05, self._backoff * 2))
             self._down_until = time.monotonic() + self._backoff
@@ -88,7 +94,15 @@ class DocStore:
             self.on_error(op, type(e).__name__)
             raise StoreError(type(e).__name__, f"redis {op}: {e}") from None
         self._backoff = 0.0
+        if timeout is None:
+            dt = time.perf_counter() - t0
+            self._latency = dt if self._latency == 0.0 else 0.8 * self._latency + 0.2 * dt
         return out
+
+    @property
+    def deadline(self) -> float:
+        """The request-path deadline in force (adaptive, see the module docstring)."""
+        return min(self.timeout_max_s, max(self.timeout_s, 8.0 * self._latency))
 
     # ---- documents ---------------------------------------------------------------------------------------
     def key(self, category: str, doc_id: int) -> str:
@@ -151,7 +165,7 @@ class DocStore:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._call("ping", self.client.ping))
+            return bool(await self._call("ping", self.client.ping, self.bulk_timeout_s))
         except StoreError:
             return False
 

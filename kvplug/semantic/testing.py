@@ -81,9 +81,11 @@ class FakeUpstream:
         self.waiting: float | None = None
         self.finish_reason = "stop"
         self.first_event_delay_s = 0.0  # streams: headers at once, the first event after this delay
+        self.sizes: list[int] = []  # body size of every request received
+        self.keep_bodies_up_to = 1 << 20  # larger bodies are recorded without their messages/prompt
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=64 << 20)  # vLLM takes large prompts too
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_get("/v1/models", self._models)
@@ -105,13 +107,24 @@ class FakeUpstream:
 
     async def _common(self, request: web.Request) -> tuple[dict[str, Any], str, web.Response | None]:
         self.calls += 1
-        body = await request.json()
-        self.bodies.append(body)
+        raw = await request.read()
+        self.sizes.append(len(raw))
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # as vLLM does: a 400, never a 500
+            err = b'{"error": {"message": "invalid JSON body", "type": "BadRequestError", "code": 400}}'
+            return {}, "", web.Response(status=400, body=err, content_type="application/json")
+        if not isinstance(body, dict):
+            return {}, "", web.Response(status=400, body=b'{"error": {"message": "not an object"}}')
+        big = len(raw) > self.keep_bodies_up_to
+        self.bodies.append({k: v for k, v in body.items() if k not in ("messages", "prompt")} if big else body)
         self.headers.append(dict(request.headers))
-        if body.get("messages"):
-            query = str(body["messages"][-1].get("content", ""))
+        msgs = body.get("messages")
+        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict):
+            query = str(msgs[-1].get("content", ""))
         else:
             query = str(body.get("prompt", ""))
+        del raw
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         for needle, (status, err) in self.errors.items():
