@@ -83,6 +83,12 @@ def test_sentencekv_sentence_means_and_blocks() -> None:
     torch.testing.assert_close(means[:, 0], keys[:10].mean(0))
     torch.testing.assert_close(means[:, 1], keys[10:41].mean(0))  # spans the append boundary
     torch.testing.assert_close(means[:, 2], keys[41:64].mean(0))
+    # a unit scores as the best sentence touching it (unit 1: tokens 0..15 -> sentences 0, 1; unit 2: 1, 2 ...)
+    q = torch.randn(HQ, D)
+    sent = torch.einsum("hgd,hsd->hgs", q.view(H, 2, D), means).amax(1)  # [H, 3]
+    sid = torch.tensor([0] * 10 + [1] * 31 + [2] * 23)
+    want = torch.stack([sent[:, sid[u * 16 : (u + 1) * 16].unique()].amax(-1) for u in range(4)], dim=1)
+    torch.testing.assert_close(method.unit_scores(q, st, 2), want)
     with pytest.raises(ValueError, match="token ids"):
         method.append(st, keys[:16], values[:16], None)
 
@@ -202,9 +208,26 @@ def test_state_grows_across_appends() -> None:
     for i in range(40):
         method.append(st, keys[i * 64 : (i + 1) * 64], None, None)
     assert st.n_units == 80
-    torch.testing.assert_close(st.summaries["kmax"].data[:, 5], keys[80:96].amax(0))  # page 5 of 16 tokens
+    bounds = st.summaries["bounds"].data  # [H, pages, 2D]: page max then min
+    torch.testing.assert_close(bounds[:, 5, :D], keys[80:96].amax(0))  # page 5 of 16 tokens
+    torch.testing.assert_close(bounds[:, 5, D:], keys[80:96].amin(0))
     with pytest.raises(ValueError, match="multiple of the unit"):
         method.append(st, keys[:10], None, None)
+
+
+def test_quest_scores_are_the_kernel_bound() -> None:
+    """The fused CPU scoring equals kvplug.kernels.block_scores on the same page bounds (max over a unit's pages)."""
+    from kvplug.kernels import reference
+
+    keys, values = _keys(64 * 10, 10, scale=1.0)
+    q = torch.randn(HQ, D)
+    for reduce in ("max", "sum"):
+        method = sparse.Quest(budget=128, group_reduce=reduce)
+        st = _state(method, keys, values, 32)
+        pages = keys[: st.n_units * 32].view(-1, 16, H, D)
+        want = reference.block_scores(q[None], pages.amax(1), pages.amin(1), None, torch.tensor([len(pages)]), reduce)
+        got = method.unit_scores(q, st, 4)
+        torch.testing.assert_close(got, want[0].view(H, -1, 2).amax(-1))
 
 
 def test_config_errors_name_the_problem() -> None:

@@ -47,7 +47,6 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from kvplug import kernels
 from kvplug.errors import ConfigError
 from kvplug.integrations.vllm import _compat
 from kvplug.methods import sparse
@@ -167,6 +166,23 @@ class SparseStep:
     dense_idx: torch.Tensor | None = None  # query tokens of the other rows, and their own metadata
     dense_meta: CPUAttentionMetadata | None = None
     sched_cache: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # flushed to Prometheus after the last layer
+    last_layer: int = -1
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def flush(self) -> None:
+        """Add this step's counts to the Prometheus counters (once per step, not per layer)."""
+        for key, n in self.counts.items():
+            kind, _, method = key.partition(":")
+            if kind == "attended":
+                ATTENDED.labels(method).inc(n)
+            elif kind == "context":
+                CONTEXT.labels(method).inc(n)
+            else:
+                SELECTIONS.labels(kind).inc(n)
+        self.counts.clear()
 
 
 @dataclass
@@ -194,6 +210,7 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         self._punct: frozenset[int] | None = None
         self._tokenizer = vllm_config.model_config.tokenizer
         self._warned: set[str] = set()
+        self._last_step: SparseStep | None = None
         if self.cfg is None or self.is_cross_attention or self.is_encoder_only_attention:
             return
         if self.isa not in SUPPORTED_ISAS or self.kv_cache_dtype not in (None, "auto"):
@@ -227,6 +244,9 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if not self._layers:
             return meta
+        if self._last_step is not None:  # in case the last layer never ran (an aborted forward)
+            self._last_step.flush()
+            self._last_step = None
         try:
             step = self._plan(common_attn_metadata, meta)
         except Exception as e:  # never into the engine: this step is dense
@@ -235,6 +255,7 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             step = None
         if step is None:
             return meta
+        self._last_step = step
         return SparseCPUAttentionMetadata(
             **{f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}, sparse=step
         )
@@ -275,6 +296,7 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         if not sparse_rows:
             return None
         step = SparseStep(sparse_rows, torch.tensor([r.token for r in sparse_rows]), self._layers)
+        step.last_layer = max(self._layers.values())
         others = [i for i in range(cm.num_reqs) if i not in set(row_ids)]
         if others:
             step.dense_idx, step.dense_meta = self._sub_batch(meta, others)
@@ -394,17 +416,21 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         if step is None or name not in step.layers or output_scale is not None or output_block_scale is not None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale)
         idx = step.layers[name]
-        if all(r.req.method is None or idx < r.req.method.dense_layers for r in step.rows):
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         try:
-            self._sparse(layer, query, kv_cache, step, name, idx, output)
-        except Exception as e:  # never into the engine: dense for this layer, and these requests from now on
-            ERRORS.labels("attention").inc()
-            log.warning("kvplug sparse attention failed on %s, requests fall back to dense: %r", name, e)
-            for r in step.rows:
-                r.req.failed = repr(e)
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-        return output
+            if all(r.req.method is None or idx < r.req.method.dense_layers for r in step.rows):
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+            try:
+                self._sparse(layer, query, kv_cache, step, name, idx, output)
+            except Exception as e:  # never into the engine: dense for this layer, and these requests from now on
+                ERRORS.labels("attention").inc()
+                log.warning("kvplug sparse attention failed on %s, requests fall back to dense: %r", name, e)
+                for r in step.rows:
+                    r.req.failed = repr(e)
+                return super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+            return output
+        finally:
+            if idx == step.last_layer:
+                step.flush()
 
     def _sparse(
         self,
@@ -425,6 +451,10 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         d = self.head_size
         g = self.num_heads // h
         q = query.index_select(0, step.tok_idx)  # [B, Hq, D]
+        # Each (block, head) slab of the cache is a block of a one-head cache ``[blocks * H, 1, ...]`` (a view: the
+        # slabs are contiguous), so every (row, KV head) pair becomes a sequence of its own, with a block table of
+        # "virtual" block ids ``block * H + head``: one kernel call serves every row and head.
+        head_off = torch.arange(h).view(h, 1)
         tables: list[torch.Tensor] = []
         lens: list[int] = []
         extras: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
@@ -433,37 +463,37 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
             assert m is not None
             st = row.req.states.get(name)
             n_units = (row.n - 1) // bs
+            extra = None
             if st is None or idx < m.dense_layers:  # a dense layer for this request's method
                 units = torch.arange(n_units).expand(h, -1)
-                SELECTIONS.labels("dense").inc()
-                extra = None
+                step.count("dense")
             else:
                 sel = m.select(q[r], st, row.n, row.token_id, layer=idx)
                 units = sel.units
-                SELECTIONS.labels("dense" if sel.dense else "reused" if sel.reused else "ranked").inc()
-                extra = None if sel.extra_k is None else (sel.extra_k, sel.extra_v, sel.extra_logw)
-            tail = row.blocks[n_units:].expand(h, -1)
-            tables.append(torch.cat([row.blocks[units], tail], dim=1))
+                step.count("dense" if sel.dense else "reused" if sel.reused else "ranked")
+                if sel.extra_k is not None:
+                    assert sel.extra_v is not None and sel.extra_logw is not None
+                    extra = (sel.extra_k, sel.extra_v, sel.extra_logw)
+            tables.append(torch.cat([row.blocks[units], row.blocks[n_units:].expand(h, -1)], dim=1))
             lens.append(units.shape[1] * bs + row.n - n_units * bs)
             extras.append(extra)
-            ATTENDED.labels(m.name).inc(lens[-1] * h)
-            CONTEXT.labels(m.name).inc(row.n * h)
-        s_max = max(t.shape[1] for t in tables)
-        table = torch.zeros(len(tables), h, s_max, dtype=torch.int32)
-        for r, t in enumerate(tables):
-            table[r, :, : t.shape[1]] = t
+            step.count("attended:" + m.name, lens[-1] * h)
+            step.count("context:" + m.name, row.n * h)
+        b = len(tables)
+        if b == 1:
+            table = tables[0].unsqueeze(0)
+        else:
+            table = torch.zeros(b, h, max(t.shape[1] for t in tables), dtype=torch.long)
+            for r, t in enumerate(tables):
+                table[r, :, : t.shape[1]] = t
         seq = torch.tensor(lens, dtype=torch.int32)
         if any(e is not None for e in extras):
             out = self._with_pooled(q, kv_cache, table, seq, extras)
             output.index_copy_(0, step.tok_idx, out.to(output.dtype))
             return
-        # One kernel call for every (row, KV head): each (block, head) slab of the cache is a block of a one-head
-        # cache ``[blocks * H, 1, ...]`` (a view: slabs are contiguous), so (row, head) pairs become sequences
-        # with their own block tables over "virtual" block ids ``block * H + head``.
-        b = len(tables)
         key_cache, value_cache = kv_cache.view(nb * h, 1, bs * 2, -1).chunk(2, dim=2)
-        virt = table.long() * h + torch.arange(h).view(1, h, 1)  # [B, H, S]
-        seq_bh = seq.repeat_interleave(h)
+        virt = (table * h + head_off).view(b * h, -1).to(torch.int32)
+        seq_bh = seq.repeat_interleave(h) if b > 1 else seq.expand(h).contiguous()
         qsl = torch.arange(b * h + 1, dtype=torch.int32)
         key = tuple(lens)
         sched = step.sched_cache.get(key)
@@ -483,7 +513,7 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
             causal=True,
             alibi_slopes=None,
             sliding_window=-1,
-            block_table=virt.view(b * h, -1).to(torch.int32),
+            block_table=virt,
             softcap=self.logits_soft_cap,
             scheduler_metadata=sched,
             s_aux=None,
@@ -502,23 +532,36 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         seq: torch.Tensor,
         extras: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None],
     ) -> torch.Tensor:
-        """Rows with pooled entries (hierarchical): the kernels' paged attention with weighted extra tokens."""
+        """Rows with pooled entries (hierarchical), which the stock kernel cannot weight: the math of
+        :func:`kvplug.kernels.reference.paged_decode_attention`, gathering whole (block, head) slabs of the CPU
+        ``vec`` layout with one ``index_select`` per row."""
         if self.logits_soft_cap:
             raise NotImplementedError("pooled tokens with a logit soft cap")
-        b, h = table.shape[0], table.shape[1]
+        nb, h, bs, _ = kv_cache.shape
         d = self.head_size
-        e = max((x[0].shape[1] for x in extras if x is not None), default=0)
-        ek = torch.zeros(b, h, e, d)
-        ev = torch.zeros(b, h, e, d)
-        el = torch.full((b, h, e), float("-inf"))
-        for r, x in enumerate(extras):
-            if x is not None:
-                n = x[0].shape[1]
-                ek[r, :, :n], ev[r, :, :n], el[r, :, :n] = x
-        kt, v = _vec_views(kv_cache, d)
-        seqs = seq.view(-1, 1).expand(b, h)
-        out = kernels.paged_decode_attention(q, kt.transpose(-1, -2), v, table, seqs, self.scale, ek, ev, el)
-        assert isinstance(out, torch.Tensor)
+        g = self.num_heads // h
+        slabs = kv_cache.view(nb * h, 2, d * bs)  # per (block, head): K^T [D, bs] then V [bs, D]
+        out = q.new_empty(table.shape[0], h * g, d)
+        for r, extra in enumerate(extras):
+            n = int(seq[r])
+            s = -(-n // bs)
+            ids = (table[r, :, :s] * h + torch.arange(h).view(h, 1)).reshape(-1)
+            blk = slabs.index_select(0, ids).view(h, s, 2, d * bs).float()
+            kt, v = blk[:, :, 0].view(h, s, d, bs), blk[:, :, 1].view(h, s, bs, d)
+            qq = q[r].float().view(h, 1, g, d) * self.scale
+            logits = torch.matmul(qq, kt).transpose(1, 2).reshape(h, g, s * bs)  # [H, G, S*bs]
+            if n < s * bs:
+                logits[..., n:] = float("-inf")
+            if extra is not None:
+                ek, ev, el = extra
+                pooled = torch.matmul(qq[:, 0], ek.float().transpose(1, 2)) + el.float().unsqueeze(1)  # [H, G, E]
+                p = torch.softmax(torch.cat([logits, pooled], dim=-1), dim=-1)
+                o = torch.matmul(p[..., s * bs :], ev.float())
+            else:
+                p = torch.softmax(logits, dim=-1)
+                o = 0.0
+            o = o + torch.matmul(p[..., : s * bs].view(h, g, s, bs).transpose(1, 2), v).sum(1)  # [H, G, D]
+            out[r] = o.reshape(h * g, d).to(q.dtype)
         return out
 
 

@@ -29,8 +29,9 @@ from kvplug.errors import ConfigError
 
 @dataclass
 class Selection:
-    """What one step attends, per KV head: ``units [H, S]`` (sorted, the same count ``S`` for every head) plus the
-    tail; optionally pooled entries ``extra_k, extra_v [H, E, D]`` counted ``exp(extra_logw [H, E])`` times."""
+    """What one step attends, per KV head: ``units [H, S]`` (the same count ``S`` for every head, in no particular
+    order) plus the tail; optionally pooled entries ``extra_k, extra_v [H, E, D]`` counted ``exp(extra_logw [H, E])``
+    times."""
 
     units: Tensor
     extra_k: Tensor | None = None
@@ -150,13 +151,19 @@ class SparseMethod(ABC):
         tail = n_tokens - state.n_units * state.unit
         return max(0, self.budget // state.unit - math.ceil(max(tail, 0) / state.unit))
 
+    def forced_ranges(self, state: SparseState, n_tokens: int) -> tuple[int, int]:
+        """``(s, r)``: units ``[0, s)`` hold the sink, units ``[r, N)`` overlap the recent window."""
+        n, u = state.n_units, state.unit
+        s = min(n, math.ceil(self.sink_tokens / u))
+        r = max(s, (n_tokens - self.recent_tokens) // u) if self.recent_tokens else n
+        return s, min(r, n)
+
     def forced(self, state: SparseState, n_tokens: int) -> Tensor:
         """Bool ``[N]``: sink units and the units overlapping the recent window."""
-        n, u = state.n_units, state.unit
-        mask = torch.zeros(n, dtype=torch.bool, device=state.device)
-        mask[: min(n, math.ceil(self.sink_tokens / u))] = True
-        if self.recent_tokens:
-            mask[max(0, (n_tokens - self.recent_tokens) // u) :] = True
+        s, r = self.forced_ranges(state, n_tokens)
+        mask = torch.zeros(state.n_units, dtype=torch.bool, device=state.device)
+        mask[:s] = True
+        mask[r:] = True
         return mask
 
     def select(
@@ -164,22 +171,22 @@ class SparseMethod(ABC):
     ) -> Selection:
         """Units to attend this step for query ``q [Hq, D]`` when the request holds ``n_tokens`` tokens (the
         current one included). ``token_id`` is the step's input token (SentenceKV's sentence tracking); ``layer``
-        the model layer (the first ``dense_layers`` are dense)."""
-        n, h = state.n_units, state.heads
+        the model layer (the first ``dense_layers`` are dense). Units come back in no particular order."""
+        n, h, dev = state.n_units, state.heads, state.device
         k = self.budget_units(state, n_tokens)
         sq = self.step_query(q, state, token_id)
-        all_units = torch.arange(n, device=state.device).expand(h, n)
         if (layer is not None and layer < self.dense_layers) or sq is None or k >= n:
-            return Selection(all_units, dense=True)
-        forced = self.forced(state, n_tokens)
-        n_forced = int(forced.sum())
+            return Selection(torch.arange(n, device=dev).expand(h, n), dense=True)
+        s, r = self.forced_ranges(state, n_tokens)
+        n_forced = s + (n - r)
+        ends = [torch.arange(0, s, device=dev).expand(h, -1), torch.arange(r, n, device=dev).expand(h, -1)]
         if n_forced >= k:  # the budget is spent on sink and recent units
-            return Selection(forced.nonzero().view(1, -1).expand(h, -1).contiguous())
+            return Selection(torch.cat(ends, dim=1))
         scores, reused = self._ranking(sq, state, k)
-        scores = scores.masked_fill(forced.view(1, -1), float("inf"))
-        units = torch.topk(scores, k, dim=-1, sorted=False).indices.sort(dim=-1).values
-        extra = self.extras(sq, state, units)
+        top = torch.topk(scores[:, s:r], k - n_forced, dim=-1, sorted=False).indices + s
+        units = torch.cat([ends[0], top, ends[1]], dim=1)
         sel = Selection(units, reused=reused)
+        extra = self.extras(sq, state, units)
         if extra is not None:
             sel.extra_k, sel.extra_v, sel.extra_logw = extra
         return sel

@@ -47,20 +47,24 @@ class Quest(SparseMethod):
             raise ValueError(f"quest: append {t} tokens, not a multiple of the unit {state.unit}")
         if t == 0:
             return
-        if "kmax" not in state.summaries:
-            state.summaries["kmax"] = Growing(h, (d,), state.device, state.dtype)
-            state.summaries["kmin"] = Growing(h, (d,), state.device, state.dtype)
+        if "bounds" not in state.summaries:  # [H, pages, 2D]: the page's max key, then its min key
+            state.summaries["bounds"] = Growing(h, (2 * d,), state.device, state.dtype)
         p = self._page(state)
         k = keys.to(state.device, state.dtype).view(t // p, p, h, d).permute(2, 0, 1, 3)  # [H, pages, p, D]
-        state.summaries["kmax"].extend(k.amax(2))
-        state.summaries["kmin"].extend(k.amin(2))
+        state.summaries["bounds"].extend(torch.cat([k.amax(2), k.amin(2)], dim=-1))
         state.n_units += t // state.unit
 
     def unit_scores(self, q: Tensor, state: SparseState, k: int) -> Tensor:
-        kmax = state.summaries["kmax"].data.transpose(0, 1)  # [pages, H, D] view
-        kmin = state.summaries["kmin"].data.transpose(0, 1)
-        pages = kmax.shape[0]
-        n_valid = torch.tensor([pages], device=q.device)
-        s = kernels.block_scores(q.unsqueeze(0), kmax, kmin, None, n_valid, self.group_reduce)[0]  # [H, pages]
-        per_unit = state.unit // self._page(state)
-        return s.view(state.heads, state.n_units, per_unit).amax(-1)
+        b = state.summaries["bounds"].data  # [H, pages, 2D]
+        h, pages, d2 = b.shape
+        d = d2 // 2
+        if q.is_cuda:
+            kx, kn = b[..., :d].transpose(0, 1), b[..., d:].transpose(0, 1)  # [pages, H, D] views
+            n_valid = torch.full((1,), pages, device=q.device)
+            s = kernels.block_scores(q.unsqueeze(0), kx, kn, None, n_valid, self.group_reduce)[0]  # [H, pages]
+        else:  # the reference formula, fused: [relu(q), min(q, 0)] . [kmax, kmin] in one batched product
+            qf = q.float().view(h, -1, d)
+            qp = qf.clamp(min=0)
+            s = torch.matmul(torch.cat([qp, qf - qp], dim=-1), b.float().transpose(1, 2))  # [H, G, pages]
+            s = s.amax(1) if self.group_reduce == "max" else s.sum(1)
+        return s.view(h, state.n_units, state.unit // self._page(state)).amax(-1)

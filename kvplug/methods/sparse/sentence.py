@@ -69,8 +69,7 @@ class SentenceKV(SparseMethod):
         if token_ids is None or len(token_ids) != t:
             raise ValueError("sentencekv: append needs the token ids of the appended tokens")
         sm = state.summaries
-        if "sid" not in sm:
-            sm["sid"] = Growing(1, (), state.device, torch.long)
+        if "ksum" not in sm:
             sm["ksum"] = Growing(h, (d,), state.device, state.dtype)
             sm["count"] = Growing(1, (), state.device, state.dtype)
             sm["cur"], sm["next_new"] = -1, True
@@ -86,7 +85,14 @@ class SentenceKV(SparseMethod):
                 g.extend(torch.zeros(tail[0], n_sent - g.n, *tail[1:], device=state.device, dtype=state.dtype))
         sm["ksum"].data.index_add_(1, sid, keys.to(state.device, state.dtype).transpose(0, 1))
         sm["count"].data.index_add_(1, sid, torch.ones(1, t, device=state.device, dtype=state.dtype))
-        sm["sid"].extend(sid.view(1, -1))
+        per_unit = sid.view(-1, state.unit)
+        if "lo" not in sm:
+            sm["lo"] = Growing(1, (), state.device, torch.long)  # first and last sentence touching each unit
+            sm["hi"] = Growing(1, (), state.device, torch.long)
+            sm["span"] = 1
+        sm["lo"].extend(per_unit[:, 0].view(1, -1))
+        sm["hi"].extend(per_unit[:, -1].view(1, -1))
+        sm["span"] = max(sm["span"], int((per_unit[:, -1] - per_unit[:, 0]).max()) + 1)
         sm["cur"], sm["next_new"] = int(sid[-1]), bool(ends[-1])
         state.n_units += t // state.unit
 
@@ -110,5 +116,6 @@ class SentenceKV(SparseMethod):
         means = sm["ksum"].data / sm["count"].data.view(1, -1, 1)  # [H, S, D]
         s = torch.matmul(q.float().view(h, -1, q.shape[-1]), means.float().transpose(1, 2))  # [H, G, S]
         s = s.amax(1) if self.group_reduce == "max" else s.sum(1)
-        sid = sm["sid"].data[0, : state.n_units * state.unit]
-        return s[:, sid].view(h, state.n_units, state.unit).amax(-1)
+        lo, hi = sm["lo"].data[0], sm["hi"].data[0]  # sentences touching a unit are the range [lo, hi]
+        cols = torch.minimum(lo.view(-1, 1) + torch.arange(sm["span"], device=lo.device), hi.view(-1, 1))
+        return s[:, cols].amax(-1)  # [H, N]: a unit is as good as the best sentence touching it
