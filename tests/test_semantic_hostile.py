@@ -244,3 +244,16 @@ def test_ten_megabyte_prompts_neither_block_other_tenants_nor_grow_memory(make_p
 def _metas(p: Any) -> list[bytes]:
     r = redis.Redis.from_url(p.redis_url)
     return [r.hget(k, "meta") for k in p.docs()]
+
+
+def test_a_failure_inside_the_proxy_forwards_the_request(make_proxy, monkeypatch):
+    # fault injection: request analysis raises something unexpected; the client still gets the upstream's answer
+    p = make_proxy()
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr("kvplug.semantic.proxy.analyze", broken)
+    status, hdrs, out = p.chat(PYLIST)
+    assert status == 200 and hdrs["x-kvplug-cache-reason"] == "proxy_error"
+    assert out["choices"][0]["message"]["content"] == default_answer(PYLIST) and p.docs() == []

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from aiohttp import web
@@ -31,6 +30,7 @@ from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from kvplug.errors import StoreError
+from kvplug.redact import redact
 from kvplug.semantic.adaptive import LoadController, parse_waiting
 from kvplug.semantic.cache import Lookup, SemanticCache
 from kvplug.semantic.config import SemanticCacheConfig
@@ -62,6 +62,7 @@ _HOP = {
     "content-encoding",
 }
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
+STARTED_KEY = "kvplug_response_started"  # set on the request once a streamed answer has begun
 
 
 @dataclass
@@ -79,17 +80,6 @@ class Upstream:
 
 def _error_body(status: int, kind: str, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": kind, "code": status}}).encode()
-
-
-def redact_url(url: str) -> str:
-    """A URL without its user and password (for logs)."""
-    u = urlsplit(url)
-    if u.username is None and u.password is None:
-        return url
-    host = u.hostname or ""
-    if u.port:
-        host = f"{host}:{u.port}"
-    return urlunsplit((u.scheme, host, u.path, u.query, u.fragment))
 
 
 def _failed(up: Upstream) -> bool:
@@ -173,7 +163,7 @@ class SemanticCacheProxy:
         log.info(
             "semantic cache: %d entries loaded from Redis, upstream %s, policy: %s",
             self.cache.size(),
-            redact_url(self.upstream),
+            redact(self.upstream),
             self.policy.source,
         )
 
@@ -276,7 +266,7 @@ class SemanticCacheProxy:
             return Upstream(504, hdr, t0, _error_body(504, "upstream_timeout", "the upstream server timed out"))
         except aiohttp.ClientError as e:
             self.metrics.upstream.labels("connect_error").inc()
-            log.debug("upstream %s unreachable: %s", redact_url(self.upstream), type(e).__name__)
+            log.debug("upstream %s unreachable: %s", redact(self.upstream), type(e).__name__)
             hdr = CIMultiDict({"Content-Type": "application/json"})
             msg = "the upstream server is unreachable"
             return Upstream(502, hdr, t0, _error_body(502, "upstream_unavailable", msg))
@@ -336,6 +326,7 @@ class SemanticCacheProxy:
         acc = StreamAccumulator(info.endpoint) if (on_choices is not None and info is not None) else None
         out = web.StreamResponse(status=up.status, headers=self._response_headers(up, tags))
         try:
+            request[STARTED_KEY] = True
             await out.prepare(request)
             if up.head:
                 if acc is not None:
@@ -395,6 +386,8 @@ class SemanticCacheProxy:
         except (asyncio.CancelledError, web.HTTPException):
             raise
         except Exception as e:  # noqa: BLE001 - whatever failed in the proxy, the client gets the upstream's answer
+            if request.get(STARTED_KEY):
+                raise  # an answer is already on its way: nothing else can be sent
             log.warning("semantic cache: request handling failed, forwarding it unchanged: %r", e)
             return await self._bypass(request, raw, None, endpoint, "proxy_error")
 
@@ -495,6 +488,7 @@ class SemanticCacheProxy:
             status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **tags}
         )
         try:
+            request[STARTED_KEY] = True
             await out.prepare(request)
             for event in hit_events(info.endpoint, choices, model, info.include_usage):
                 await out.write(event)
