@@ -1,9 +1,10 @@
 """Sparse decode attention through vLLM CPU on SmolLM2-135M (float32): needle accuracy and log-prob, perplexity
 ratio, and end-to-end decode tokens/s, dense and every sparse setting side by side in one engine.
 
-Scoring (the harness's rules, kvplug.eval.tasks): the answer's content tokens (digits) are forced one decode step
-at a time by a logits processor, so every scored token runs through real sparse decode steps; vLLM returns the
-raw log-probs (before the processor). Exact match = every content token is the greedy choice. The prompt is
+Scoring (the harness's rules, kvplug.eval.tasks): the answer (leading space and digits) is forced one decode
+step at a time by a logits processor and only its content tokens (digits) are scored, so every scored token is
+the output of a real sparse decode step; vLLM returns the raw log-probs (before the processor). Exact match =
+every content token is the greedy choice. The prompt is
 prefilled once per sample (prefix cache on); each setting then decodes from it. ppl: forced continuations of
 Python's documentation after ``--ppl-context`` tokens. Decode tok/s: ``--e2e-tokens`` greedy tokens after a
 prompt of ``--e2e-context`` tokens (the longest SmolLM2 allows), settings interleaved, medians.
@@ -96,8 +97,10 @@ def selections() -> tuple[float, float]:
     return get("reused"), get("ranked")
 
 
-def content_split(tok: Any, context: str, question: str, answer: str) -> tuple[list[int], list[int]]:
-    """Prompt ids and the answer's content token ids (tokens holding a letter or digit), as the harness scores."""
+def content_split(tok: Any, context: str, question: str, answer: str) -> tuple[list[int], list[int], int]:
+    """Prompt ids, the answer's ids and how many of its last tokens are content (a letter or digit), as the
+    harness scores. The whole answer is forced through decode steps (its leading space too), so every scored
+    content token comes from a sparse decode step, never from the prompt's dense last step."""
     full = tok(context + question + answer, add_special_tokens=False).input_ids
     ans = tok(answer, add_special_tokens=False).input_ids
     if full[-len(ans) :] != ans:
@@ -108,7 +111,9 @@ def content_split(tok: Any, context: str, question: str, answer: str) -> tuple[l
             n += 1
         else:
             break
-    return full[:-n], full[-n:]
+    if n == len(ans):
+        raise RuntimeError("the first answer token is content: it would be scored by the dense prefill")
+    return full[: -len(ans)], ans, n
 
 
 def main() -> None:
@@ -164,11 +169,11 @@ def main() -> None:
             sel: dict[int, list[float]] = {i: [0.0, 0.0] for i in range(len(sets))}  # reused, ranked
             ctx_tokens = []
             for s in samples:
-                prompt, force = content_split(tok, s.context, s.question, s.answer)
+                prompt, force, n_content = content_split(tok, s.context, s.question, s.answer)
                 ctx_tokens.append(len(prompt))
                 for i, (_, cfg) in enumerate(sets):
                     before = selections()
-                    res[i].append(forced(llm, prompt, force, cfg))
+                    res[i].append(forced(llm, prompt, force, cfg)[-n_content:])
                     after = selections()
                     sel[i] = [sel[i][j] + after[j] - before[j] for j in range(2)]
                 print(f"needle {length} {s.sid}: " + " ".join(str(int(all(g for _, g in res[i][-1]))) for i in res))
@@ -206,8 +211,8 @@ def main() -> None:
         for w in windows:
             prompt = enc(w.context)
             force = enc(w.answer)[: args.ppl_tokens]
-            for i, (_, cfg) in enumerate(sets):
-                nll[i] += [-lp for lp, _ in forced(llm, prompt, force, cfg)]
+            for i, (_, cfg) in enumerate(sets):  # the first token comes from the (dense) prefill: not scored
+                nll[i] += [-lp for lp, _ in forced(llm, prompt, force, cfg)[1:]]
             print(f"ppl window {w.sid}: dense nll {statistics.mean(nll[0]):.3f}", flush=True)
         for i, (name, cfg) in enumerate(sets[1:], start=1):
             ratio = math.exp(statistics.mean(nll[i]) - statistics.mean(nll[0]))

@@ -112,10 +112,21 @@ class SparseAttention:
         if ids.shape[0] != 1:
             raise ValueError(f"SparseAttention runs batch size 1, got {ids.shape[0]}")
         cache = kwargs.get("past_key_values")
-        if cache is None or cache.get_seq_length() == 0:
+        past = 0 if cache is None else cache.get_seq_length()
+        if past == 0:
             self.states.clear()
             self.ids = []
+        elif past != len(self.ids):
+            raise ValueError(
+                f"SparseAttention: the cache holds {past} tokens but {len(self.ids)} were seen; for a cache prefilled "
+                "outside the context call resume(prompt_ids) first"
+            )
         self.ids.extend(int(t) for t in ids[0].tolist())
+
+    def resume(self, ids: list[int]) -> None:
+        """Continue from a cache prefilled outside this context: ``ids`` are the tokens it holds."""
+        self.states.clear()
+        self.ids = [int(t) for t in ids]
 
     @property
     def stats(self) -> dict[str, int]:
