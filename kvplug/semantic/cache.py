@@ -43,6 +43,7 @@ from kvplug.semantic.store import DocStore
 from kvplug.semantic.verify import CHECKS, QueryFeatures, Verifier
 
 log = logging.getLogger("kvplug.semantic")
+_EXAMPLE_VECTORS: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}  # (embedder, example texts) -> vectors
 
 
 @dataclass
@@ -105,7 +106,14 @@ class SemanticCache:
         """Build the classifier (embeds the policy's examples), then rebuild the index from Redis."""
         examples = CategoryClassifier.examples(self.policy)
         texts = [t for ts in examples.values() for t in ts]
-        vecs = await self.embedder.embed_many(texts)
+        key = (self.embedder.name, tuple(texts))
+        vecs = _EXAMPLE_VECTORS.get(key)
+        if vecs is None:
+            vecs = await self.embedder.embed_many(texts)
+            if texts:  # kept for the next proxy of this process (tests, benchmarks): a few policies at most
+                while len(_EXAMPLE_VECTORS) >= 4:
+                    del _EXAMPLE_VECTORS[next(iter(_EXAMPLE_VECTORS))]
+                _EXAMPLE_VECTORS[key] = vecs
         by_cat, i = {}, 0
         for name, ts in examples.items():
             by_cat[name] = vecs[i : i + len(ts)]

@@ -62,7 +62,7 @@ _HOP = {
     "content-encoding",
 }
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions"}
-STARTED_KEY = "kvplug_response_started"  # set on the request once a streamed answer has begun
+STARTED_KEY = web.RequestKey("kvplug_response_started", bool)  # set once a streamed answer has begun
 
 
 @dataclass
