@@ -156,14 +156,14 @@ def test_engine_and_request_config(sb) -> None:
     cfg = sb.SparseConfig.parse({"method": "quest", "budget": 512, "requests": "all"}, "test")
     m, dense_up_to = cfg.for_request(None)
     assert isinstance(m, sparse.Quest) and m.budget == 512 and dense_up_to == 512
-    assert cfg.for_request({"sparse": False}) == (None, 0)
-    m, dense_up_to = cfg.for_request({"sparse": {"budget": 256, "dense_up_to": 0}})
+    assert cfg.for_request(False) == (None, 0)
+    m, dense_up_to = cfg.for_request({"budget": 256, "dense_up_to": 0})
     assert isinstance(m, sparse.Quest) and m.budget == 256 and dense_up_to == 0
-    m, _ = cfg.for_request({"sparse": {"method": "sentencekv"}})
+    m, _ = cfg.for_request({"method": "sentencekv"})
     assert isinstance(m, sparse.SentenceKV) and m.budget == 1024  # another method: its own defaults
     opt_in = sb.SparseConfig.parse("hierarchical", "env")
     assert opt_in.method == "hierarchical"
-    assert sb.SparseConfig.parse({"method": "quest", "requests": "opt-in"}, "t").for_request({}) == (None, 0)
+    assert sb.SparseConfig.parse({"method": "quest", "requests": "opt-in"}, "t").for_request(None) == (None, 0)
     with pytest.raises(ConfigError, match="'method' is required"):
         sb.SparseConfig.parse({"budget": 5}, "t")
     with pytest.raises(ConfigError, match=r"unknown parameter\(s\) \['bugdet'\]"):
@@ -171,4 +171,4 @@ def test_engine_and_request_config(sb) -> None:
     with pytest.raises(ConfigError, match="requests must be"):
         sb.SparseConfig.parse({"method": "quest", "requests": "some"}, "t")
     with pytest.raises(ConfigError, match="must be true, false or an object"):
-        cfg.for_request({"sparse": "yes"})
+        cfg.for_request("yes")

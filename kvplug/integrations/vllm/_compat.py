@@ -107,12 +107,12 @@ def request_token_ids(state: Any) -> list[int]:
     return list(state.prompt_token_ids or []) + list(state.output_token_ids or [])
 
 
-def request_kv_transfer_params(state: Any) -> dict[str, Any] | None:
-    """The request's ``kv_transfer_params`` (``SamplingParams.extra_args``), as the worker's runner holds them."""
+def request_extra_args(state: Any) -> dict[str, Any]:
+    """The request's ``SamplingParams.extra_args`` (``kv_transfer_params`` among them), as the worker's runner
+    holds them; ``{}`` when none."""
     sp = getattr(state, "sampling_params", None)
-    extra = getattr(sp, "extra_args", None) or {}
-    params = extra.get("kv_transfer_params")
-    return params if isinstance(params, dict) else None
+    extra = getattr(sp, "extra_args", None)
+    return extra if isinstance(extra, dict) else {}
 
 
 def layer_index(layer_name: str) -> int | None:

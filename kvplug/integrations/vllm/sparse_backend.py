@@ -10,9 +10,11 @@ Switch it on for an engine with one of (first found wins)::
 
 The object holds ``method`` (``quest``, ``hierarchical``, ``sentencekv``) and that method's fields, plus
 ``requests`` (``"all"``, the default, or ``"opt-in"``) and ``dense_up_to`` (contexts of at most this many tokens
-stay dense; default the budget, where sparse attention would read everything anyway). Per request,
-``kv_transfer_params: {"sparse": false}`` opts out, ``true`` opts in and ``{"method": ..., "budget": ...}``
-overrides the engine's choice for that request.
+stay dense; default the budget, where sparse attention would read everything anyway). Per request, the option
+``false`` opts out, ``true`` opts in and ``{"method": ..., "budget": ...}`` overrides the engine's choice; it goes
+in ``SamplingParams(extra_args={"kvplug_sparse": ...})`` (HTTP: ``"vllm_xargs": {"kvplug_sparse": ...}``) or, next
+to the kvplug connector's own options, in ``kv_transfer_params: {"sparse": ...}`` (without a KV connector vLLM
+logs a warning for every request that carries ``kv_transfer_params``).
 
 How it works. Prefill and multi-token steps stay dense. For a decode row of a sparse request the metadata builder
 (once per step) summarises every newly completed KV block of the request for each full-attention layer, reading
@@ -58,6 +60,7 @@ CONFIG_KEY = "kvplug_sparse"  # additional_config key
 CONNECTOR_KEY = "sparse"  # kv_connector_extra_config key
 ENV_VAR = "KVPLUG_SPARSE"
 REQUEST_KEY = "sparse"  # kv_transfer_params key
+EXTRA_KEY = "kvplug_sparse"  # SamplingParams.extra_args key (no connector needed, so no vLLM warning)
 SUPPORTED_ISAS = ("vec",)  # CPU_ATTN block layouts the summaries are read from (verified: vec, float32/bf16)
 
 STEPS = Counter("kvplug_sparse_decode_steps", "Decode steps (request x step) run with sparse attention", ["method"])
@@ -101,9 +104,9 @@ class SparseConfig:
     def build(self, method: str, params: dict[str, Any]) -> SparseMethod:
         return sparse.get(method, **params)
 
-    def for_request(self, kv_params: dict[str, Any] | None) -> tuple[SparseMethod | None, int]:
-        """The method for a request (``None``: dense) and its dense-up-to threshold."""
-        opt = (kv_params or {}).get(REQUEST_KEY)
+    def for_request(self, opt: Any) -> tuple[SparseMethod | None, int]:
+        """The method for a request whose option is ``opt`` (``None``: not given) and its dense-up-to threshold;
+        ``None`` for the method means dense."""
         if opt is None:
             opt = self.requests == "all"
         if opt is False:
@@ -116,7 +119,7 @@ class SparseConfig:
             dense_up_to = opt.pop("dense_up_to", dense_up_to)
             params = {**(self.params if name == self.method else {}), **opt}
         elif opt is not True:
-            raise ConfigError(f"kv_transfer_params.{REQUEST_KEY} must be true, false or an object, got {opt!r}")
+            raise ConfigError(f"the request's sparse option must be true, false or an object, got {opt!r}")
         m = self.build(name, params)
         return m, (m.budget if dense_up_to is None else int(dense_up_to))
 
@@ -308,7 +311,11 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return req
         assert self.cfg is not None
         try:
-            method, dense_up_to = self.cfg.for_request(_compat.request_kv_transfer_params(rs))
+            extra = _compat.request_extra_args(rs)
+            opt = extra.get(EXTRA_KEY)
+            if opt is None:
+                opt = (extra.get("kv_transfer_params") or {}).get(REQUEST_KEY)
+            method, dense_up_to = self.cfg.for_request(opt)
             if isinstance(method, sparse.SentenceKV) and not method.punctuation_ids:
                 method = dataclasses.replace(method, punctuation_ids=self._punctuation())
             req = _Request(method, dense_up_to)
