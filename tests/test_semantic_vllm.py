@@ -54,7 +54,8 @@ def test_semantic_cache_in_front_of_vllm(vllm_server):
     th = AppThread()
     try:
         with RedisServer() as rs:
-            cfg = SemanticCacheConfig(upstream=vllm_server, redis_url=rs.url)  # defaults: look up, then forward
+            # look up, then forward: under load vLLM's first event can beat a lookup that races it (auto)
+            cfg = SemanticCacheConfig(upstream=vllm_server, redis_url=rs.url, speculative="off")
             app = build_app(cfg, embedder=shared_embedder("minilm"), policy=parse_policy(pol, "e2e"))
             url = th.start(app)
             proxy = app[PROXY_KEY]

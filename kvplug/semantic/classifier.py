@@ -18,7 +18,7 @@ from kvplug.semantic.policy import Policy
 @dataclass(frozen=True)
 class Classification:
     category: str
-    source: str  # "rule", "centroid" or "default"
+    source: str  # "rule", "examples" or "default"
     score: float = 0.0
 
 
