@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AttentionInterface
+from transformers import AttentionInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvplug.integrations.hf.cache import layer_types
 from kvplug.methods import sparse
-from kvplug.methods.sparse.attention import attend_contiguous
+from kvplug.methods.sparse.attention import attend_contiguous, attend_gathered, gather_selected
 
 IMPL = "kvplug_sparse"
 _ACTIVE: dict[int, SparseAttention] = {}
@@ -66,22 +67,59 @@ def kvplug_sparse_attention(
 AttentionInterface.register(IMPL, kvplug_sparse_attention)
 
 
+class HostKVLayer(DynamicLayer):
+    """A full-attention cache layer whose KV lives in host memory (SentenceKV's memory saving): the device holds
+    only the method's summaries, and each step fetches the selected units. On CPU the host is the device, so the
+    same code path runs on the host copy."""
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, torch.device("cpu")
+        self.keys = torch.empty(0, dtype=self.dtype)
+        self.values = torch.empty(0, dtype=self.dtype)
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys = torch.cat([self.keys, key_states.to("cpu")], dim=-2)
+        self.values = torch.cat([self.values, value_states.to("cpu")], dim=-2)
+        return self.keys, self.values
+
+
 class SparseAttention:
-    """Context manager running ``method`` in ``model``'s full-attention layers (see the module docstring)."""
+    """Context manager running ``method`` in ``model``'s full-attention layers (see the module docstring).
+    With ``offload=True`` use :meth:`new_cache`: full-attention KV stays in host memory and every decode step
+    fetches only the selected units (``fetched_bytes`` counts them)."""
 
     def __init__(
-        self, model: nn.Module, method: sparse.SparseMethod, unit: int | None = None, backend: str = "auto"
+        self,
+        model: nn.Module,
+        method: sparse.SparseMethod,
+        unit: int | None = None,
+        backend: str = "auto",
+        offload: bool = False,
     ) -> None:
         self.model = model
         self.method = method
         self.unit = unit or paper_unit(method)
         self.backend = backend
+        self.offload = offload
+        self.fetched_bytes = 0
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.types = layer_types(model.config)
         self.states: dict[int, sparse.SparseState] = {}
         self.ids: list[int] = []
         self._inner: Callable[..., Any] | None = None
         self._prev: str | None = None
+
+    def new_cache(self) -> DynamicCache:
+        """A ``DynamicCache`` for the model; with ``offload``, its full-attention layers keep KV in host memory."""
+        cache = DynamicCache(config=self.model.config)
+        if self.offload:
+            for i, kind in enumerate(self.types):
+                if kind == "full_attention":
+                    cache.layers[i] = HostKVLayer()
+        return cache
 
     def __enter__(self) -> SparseAttention:
         impl = self.config._attn_implementation
@@ -151,6 +189,7 @@ class SparseAttention:
         q_len, k_len = query.shape[2], key.shape[2]
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         if self.types[idx] != "full_attention" or q_len == k_len:  # local layers and the prefill: as before
+            key, value = key.to(query.device), value.to(query.device)  # a host-memory layer's prefill
             if self._inner is None:
                 eager = sys.modules[type(module).__module__].eager_attention_forward
                 return eager(module, query, key, value, attention_mask, scaling=scale, dropout=dropout, **kwargs)
@@ -159,7 +198,7 @@ class SparseAttention:
             raise NotImplementedError("SparseAttention: attention logit soft-capping")
         m, u = self.method, self.unit
         st = self.states.get(idx)
-        if st is None:
+        if st is None:  # summaries live with the queries (on the device), the KV may not
             st = self.states[idx] = m.new_state(key.shape[1], key.shape[-1], u, query.device)
         keys, values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, H, D]
         out = torch.empty(1, q_len, query.shape[1], query.shape[-1], device=query.device, dtype=query.dtype)
@@ -172,7 +211,12 @@ class SparseAttention:
                 m.append(st, keys[a:b], values[a:b] if m.needs_values else None, self.ids[a:b])
             tid = self.ids[p] if p < len(self.ids) else None
             sel = m.select(query[0, :, i], st, p + 1, token_id=tid, layer=idx)
-            out[0, i] = attend_contiguous(
-                query[0, :, i], keys[: p + 1], values[: p + 1], sel, u, st.n_units, scale, self.backend
-            )
+            if self.offload or keys.device != query.device:  # fetch only the selected units
+                k, v = gather_selected(keys[: p + 1], values[: p + 1], sel, u, st.n_units)
+                self.fetched_bytes += (k.numel() + v.numel()) * k.element_size()
+                out[0, i] = attend_gathered(query[0, :, i], k.to(query.device), v.to(query.device), sel, scale)
+            else:
+                out[0, i] = attend_contiguous(
+                    query[0, :, i], keys[: p + 1], values[: p + 1], sel, u, st.n_units, scale, self.backend
+                )
         return out, None

@@ -41,3 +41,32 @@ def attend_contiguous(
     out = kernels.paged_decode_attention(q[None], kc, vc, table[None], seq, scale, backend=backend, **extra)
     assert isinstance(out, Tensor)
     return out[0]
+
+
+def gather_selected(keys: Tensor, values: Tensor, sel: Selection, unit: int, n_units: int) -> tuple[Tensor, Tensor]:
+    """Only what ``sel`` attends, per KV head: ``[H, S * unit + tail, D]`` keys and values gathered from
+    ``keys``/``values [T, H, D]`` (which may live in host memory: the gather happens where they are)."""
+    t, h, d = keys.shape
+    heads = torch.arange(h, device=keys.device).view(h, 1)
+    units = sel.units.to(keys.device)
+    body = n_units * unit
+    kb = keys[:body].view(n_units, unit, h, d).permute(2, 0, 1, 3)  # [H, N, unit, D] view
+    vb = values[:body].view(n_units, unit, h, d).permute(2, 0, 1, 3)
+    k = torch.cat([kb[heads, units].reshape(h, -1, d), keys[body:t].transpose(0, 1)], dim=1)
+    v = torch.cat([vb[heads, units].reshape(h, -1, d), values[body:t].transpose(0, 1)], dim=1)
+    return k, v
+
+
+def attend_gathered(q: Tensor, k: Tensor, v: Tensor, sel: Selection, scale: float) -> Tensor:
+    """Attention of ``q [Hq, D]`` over gathered ``k, v [H, L, D]`` (on ``q``'s device) plus ``sel``'s pooled
+    entries: the same result as :func:`attend_contiguous` on the full KV."""
+    h, _, d = k.shape
+    qf = q.float().view(h, -1, d)
+    logits = torch.matmul(qf, k.float().transpose(1, 2)) * scale  # [H, G, L]
+    vals = v.float()
+    if sel.extra_k is not None:
+        assert sel.extra_v is not None and sel.extra_logw is not None
+        el = torch.matmul(qf, sel.extra_k.float().transpose(1, 2)) * scale + sel.extra_logw.float().unsqueeze(1)
+        logits = torch.cat([logits, el], dim=-1)
+        vals = torch.cat([vals, sel.extra_v.float()], dim=1)
+    return torch.matmul(torch.softmax(logits, dim=-1), vals).reshape(-1, d).to(q.dtype)
