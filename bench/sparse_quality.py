@@ -5,7 +5,7 @@ Scoring (the harness's rules, kvplug.eval.tasks): the answer (leading space and 
 step at a time by a logits processor and only its content tokens (digits) are scored, so every scored token is
 the output of a real sparse decode step; vLLM returns the raw log-probs (before the processor). Exact match =
 every content token is the greedy choice. The prompt is
-prefilled once per sample (prefix cache on); each setting then decodes from it. ppl: forced continuations of
+prefilled once per sample (prefix cache on); all settings then decode from it in one batch. ppl: forced continuations of
 Python's documentation after ``--ppl-context`` tokens. Decode tok/s: ``--e2e-tokens`` greedy tokens after a
 prompt of ``--e2e-context`` tokens (the longest SmolLM2 allows), settings interleaved, medians.
 
@@ -68,22 +68,30 @@ def settings(methods: list[str], budgets: list[int], reuse: bool) -> list[tuple[
     return out
 
 
-def forced(llm: Any, prompt: list[int], force: list[int], sparse: dict[str, Any] | None) -> list[tuple[float, bool]]:
-    """(raw log-prob, greedy?) of each forced token."""
+def forced(
+    llm: Any, prompt: list[int], force: list[int], configs: list[dict[str, Any] | None]
+) -> list[list[tuple[float, bool]]]:
+    """Per sparse config (``None``: dense), (raw log-prob, greedy?) of each forced token. The prompt is prefilled
+    once (dense), then every config decodes from the cached prefix in one batch (dense and sparse rows mixed)."""
     from vllm import SamplingParams
 
-    sp = SamplingParams(
-        max_tokens=len(force),
-        temperature=0,
-        logprobs=1,
-        ignore_eos=True,
-        extra_args={"force": force, "kv_transfer_params": {"sparse": sparse if sparse is not None else False}},
-    )
-    out = llm.generate({"prompt_token_ids": prompt}, sp, use_tqdm=False)[0].outputs[0]
-    assert list(out.token_ids) == force, (out.token_ids, force)
+    llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1), use_tqdm=False)  # fills the prefix cache
+    sps = [
+        SamplingParams(
+            max_tokens=len(force),
+            temperature=0,
+            logprobs=1,
+            ignore_eos=True,
+            extra_args={"force": force, "kvplug_sparse": cfg if cfg is not None else False},
+        )
+        for cfg in configs
+    ]
+    outs = llm.generate([{"prompt_token_ids": prompt}] * len(configs), sps, use_tqdm=False)
     res = []
-    for tok, lp in zip(force, out.logprobs, strict=True):
-        res.append((lp[tok].logprob, lp[tok].rank == 1))
+    for o in outs:
+        out = o.outputs[0]
+        assert list(out.token_ids) == force, (out.token_ids, force)
+        res.append([(lp[tok].logprob, lp[tok].rank == 1) for tok, lp in zip(force, out.logprobs, strict=True)])
     return res
 
 
@@ -171,9 +179,12 @@ def main() -> None:
             for s in samples:
                 prompt, force, n_content = content_split(tok, s.context, s.question, s.answer)
                 ctx_tokens.append(len(prompt))
-                for i, (_, cfg) in enumerate(sets):
+                for i, r in enumerate(forced(llm, prompt, force, [cfg for _, cfg in sets])):
+                    res[i].append(r[-n_content:])
+                if any(cfg and cfg.get("reuse_threshold") for _, cfg in sets):  # the reuse setting alone, counted
+                    i = next(i for i, (_, cfg) in enumerate(sets) if cfg and cfg.get("reuse_threshold"))
                     before = selections()
-                    res[i].append(forced(llm, prompt, force, cfg)[-n_content:])
+                    forced(llm, prompt, force, [sets[i][1]])
                     after = selections()
                     sel[i] = [sel[i][j] + after[j] - before[j] for j in range(2)]
                 print(f"needle {length} {s.sid}: " + " ".join(str(int(all(g for _, g in res[i][-1]))) for i in res))
@@ -211,8 +222,8 @@ def main() -> None:
         for w in windows:
             prompt = enc(w.context)
             force = enc(w.answer)[: args.ppl_tokens]
-            for i, (_, cfg) in enumerate(sets):  # the first token comes from the (dense) prefill: not scored
-                nll[i] += [-lp for lp, _ in forced(llm, prompt, force, cfg)[1:]]
+            for i, r in enumerate(forced(llm, prompt, force, [cfg for _, cfg in sets])):
+                nll[i] += [-lp for lp, _ in r[1:]]  # the first token comes from the (dense) prefill: not scored
             print(f"ppl window {w.sid}: dense nll {statistics.mean(nll[0]):.3f}", flush=True)
         for i, (name, cfg) in enumerate(sets[1:], start=1):
             ratio = math.exp(statistics.mean(nll[i]) - statistics.mean(nll[0]))
@@ -253,11 +264,9 @@ def main() -> None:
                     max_tokens=args.e2e_tokens + 1,
                     temperature=0,
                     ignore_eos=True,
-                    extra_args={"kv_transfer_params": {"sparse": cfg if cfg is not None else False}},
+                    extra_args={"kvplug_sparse": cfg if cfg is not None else False},
                 )
-                first = SamplingParams(
-                    max_tokens=1, extra_args={"kv_transfer_params": {"sparse": cfg if cfg is not None else False}}
-                )
+                first = SamplingParams(max_tokens=1, extra_args={"kvplug_sparse": cfg if cfg is not None else False})
                 t0 = time.perf_counter()
                 llm.generate({"prompt_token_ids": ids}, first, use_tqdm=False)  # the cached prefix's tail + 1 token
                 t1 = time.perf_counter()
