@@ -284,7 +284,8 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             n = int(seq[i])
             if req.method is None or req.failed or n <= req.dense_up_to:
                 continue
-            ids = _compat.request_token_ids(rs)
+            # token ids only for methods that read text (an O(context) list per step otherwise wasted)
+            ids = _compat.request_token_ids(rs) if isinstance(req.method, sparse.SentenceKV) else []
             blocks = table[i, : (n - 1) // bs + 1].long()
             try:
                 self._sync(req, blocks, n, ids)
@@ -300,7 +301,8 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return None
         step = SparseStep(sparse_rows, torch.tensor([r.token for r in sparse_rows]), self._layers)
         step.last_layer = max(self._layers.values())
-        others = [i for i in range(cm.num_reqs) if i not in set(row_ids)]
+        taken = set(row_ids)
+        others = [i for i in range(cm.num_reqs) if i not in taken]
         if others:
             step.dense_idx, step.dense_meta = self._sub_batch(meta, others)
         return step
