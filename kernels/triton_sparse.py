@@ -128,7 +128,7 @@ def _paged_decode_kernel(
     offs_t = tl.arange(0, BS)
     gmask = offs_g < G
     seq_len = tl.load(SEQ_LENS + b * ss_b + h * ss_h)
-    n_blocks = tl.cdiv(seq_len, BS)
+    n_blocks = (seq_len + BS - 1) // BS  # not tl.cdiv: a jit helper, not interpretable once triton is loaded
     start = sp * BLOCKS_PER_SPLIT
     end = tl.minimum(start + BLOCKS_PER_SPLIT, n_blocks)
     q = tl.load(
