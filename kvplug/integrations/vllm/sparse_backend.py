@@ -323,7 +323,7 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             req = _Request(method, dense_up_to)
         except Exception as e:  # a bad per-request option: served dense, and said so
             ERRORS.labels("request_options").inc()
-            self._warn(f"opt-{rid}", f"kvplug sparse attention: request {rid} runs dense: {e}")
+            log.warning("kvplug sparse attention: request %s runs dense: %s", rid, e)  # once: requests are cached
             req = _Request(None, 0, failed=str(e))
         self._reqs[rid] = req
         return req
