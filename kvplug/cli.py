@@ -22,6 +22,7 @@ from kvplug.connectors import ChunkStore, DiskStore, open_store
 from kvplug.errors import ConfigError
 from kvplug.eval.cli import app as eval_app
 from kvplug.integrations.sglang import TESTED_SGLANG
+from kvplug.redact import redact
 from kvplug.semantic.cli import app as semantic_app
 
 app = typer.Typer(help="kvplug: KV-cache stores, codecs and techniques for vLLM and SGLang.", no_args_is_help=True)
@@ -49,7 +50,7 @@ def _open(url: str) -> ChunkStore:
     try:
         return open_store(url)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {redact(e)}")
         raise typer.Exit(2) from None
 
 
@@ -107,8 +108,8 @@ def doctor(store: Annotated[str | None, typer.Option(help="Store URL to check (d
         stats = s.stats()
         s.close()
     except (ConfigError, OSError) as e:
-        ok, detail, stats = False, f"{type(e).__name__}: {e}", None
-    t.add_row("store", url, "[green]" + detail if ok else "[red]" + detail)
+        ok, detail, stats = False, f"{type(e).__name__}: {redact(e)}", None
+    t.add_row("store", redact(url), "[green]" + detail if ok else "[red]" + detail)
     ok_all &= ok
     if stats is not None and stats.used_bytes is not None:
         t.add_row("store usage", f"{_fmt_bytes(stats.used_bytes)} of {_fmt_bytes(stats.capacity_bytes)}", "[green]ok")
@@ -156,7 +157,7 @@ def store_ls(url: str, limit: Annotated[int, typer.Option(help="At most this man
 @store_app.command("purge")
 def store_purge(url: str, yes: Annotated[bool, typer.Option("--yes", help="Do not ask")] = False) -> None:
     """Delete every kvplug entry in a store."""
-    if not yes and not typer.confirm(f"Delete every kvplug entry in {url}?"):
+    if not yes and not typer.confirm(f"Delete every kvplug entry in {redact(url)}?"):
         raise typer.Exit(1)
     s = _open(url)
     n = s.purge()
@@ -180,11 +181,11 @@ def bench_store_cmd(
     rows = []
     with Progress(console=console, transient=True) as prog:
         for url in urls:
-            task = prog.add_task(f"{url.split('?')[0]} ({shape})", total=rounds)
+            task = prog.add_task(f"{redact(url.split('?')[0])} ({shape})", total=rounds)
             try:
                 r = bench_store(url, shape, chunks, rounds, lambda d, n, t=task: prog.update(t, completed=d))
             except (RuntimeError, ConfigError) as e:
-                console.print(f"[red]{url}: {e}")
+                console.print(f"[red]{redact(url)}: {redact(e)}")
                 raise typer.Exit(1) from None
             rows.append(r)
     t = Table(title=f"store throughput, {shape} 256-token chunks (GB/s; ratio = kvplug / raw, same run)")
@@ -202,6 +203,41 @@ def bench_store_cmd(
             f"{r.get_ratio:.2f}x",
         )
     console.print(t)
+    if json_out:
+        json_out.write_text(json.dumps([r.row() for r in rows], indent=2))
+
+
+@bench_app.command("load")
+def bench_load_cmd(
+    urls: Annotated[list[str], typer.Argument(help="Store URLs (memory://, file:///dir, redis://...)")],
+    tokens: Annotated[int, typer.Option(help="Prompt tokens loaded per request")] = 2048,
+    shape: Annotated[str, typer.Option(help="llama3-8b or smollm2-135m")] = "smollm2-135m",
+    codec: Annotated[str, typer.Option(help="Codec of the stored chunks")] = "raw",
+    rounds: Annotated[int, typer.Option(help="Loads measured (median kept)")] = 5,
+    sequential: Annotated[bool, typer.Option(help="Fetch and write one after another (no pipeline)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results as JSON")] = None,
+) -> None:
+    """The vLLM connector's load path without vLLM: where a hit's time goes (fetch, decode, write) and its GB/s
+    next to the store's own GB/s for the same payloads."""
+    from kvplug.bench.load_bench import bench_load
+
+    rows = []
+    for url in urls:
+        try:
+            rows.append(bench_load(url, shape, tokens, codec, rounds, pipelined=not sequential))
+        except (RuntimeError, ConfigError) as e:
+            console.print(f"[red]{redact(url)}: {redact(e)}")
+            raise typer.Exit(1) from None
+    t = Table(title=f"load path, {shape}, {tokens} tokens, codec {codec} (ms per load, median of {rounds})")
+    for col in ("store", "MB", "total", "fetch", "decode", "write", "wait", "load GB/s", "store GB/s", "ratio"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            r.store, f"{r.mb}", f"{r.total_ms:.1f}", f"{r.fetch_ms:.1f}", f"{r.decode_ms:.1f}", f"{r.write_ms:.1f}",
+            f"{r.wait_ms:.1f}", f"{r.load_gbps:.2f}", f"{r.store_gbps:.2f}", f"{r.ratio:.2f}",
+        )
+    console.print(t)
+    console.print("[dim]fetch and decode run on a background thread, write on the caller's; wait = caller idle")
     if json_out:
         json_out.write_text(json.dumps([r.row() for r in rows], indent=2))
 

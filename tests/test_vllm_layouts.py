@@ -66,3 +66,63 @@ def test_adapter_selection_and_refusals():
         adapter_for("FLEX_ATTENTION", D)
     with pytest.raises(ValueError, match="blocks"):
         token_slots(torch.tensor([0]), 0, 40, N)
+
+
+@pytest.mark.parametrize("adapter_cls", [BHNCAdapter, CpuVecAdapter])
+def test_block_copies_equal_token_copies(adapter_cls):
+    a = adapter_cls(D)
+    blocks = torch.tensor([7, 2, 9])
+    kv = torch.randn(2, 3 * N, H, D)
+    by_token, by_block = torch.zeros(B, H, N, 2 * D), torch.zeros(B, H, N, 2 * D)
+    b, o = token_slots(blocks, 0, 3 * N, N)
+    a.scatter(by_token, b, o, kv)
+    a.scatter_blocks(by_block, blocks, kv)
+    assert torch.equal(by_token, by_block)
+    assert torch.equal(a.gather_blocks(by_block, blocks), kv)
+    assert torch.equal(a.gather_blocks(by_block, blocks[1:]), kv[:, N:])
+
+
+@pytest.mark.parametrize("adapter_cls", [BHNCAdapter, CpuVecAdapter])
+def test_stacked_layers_write_every_layer_in_one_copy(adapter_cls):
+    from kvplug.integrations.vllm.layouts import stacked_layers
+
+    L = 4
+    buf = torch.zeros(L * B * H * N * 2 * D)
+    layers = [buf[i * B * H * N * 2 * D : (i + 1) * B * H * N * 2 * D].view(B, H, N, 2 * D) for i in range(L)]
+    stacked = stacked_layers(layers)
+    assert stacked is not None and stacked.shape == (L, B, H, N, 2 * D)
+    a = adapter_cls(D)
+    blocks = torch.tensor([5, 1])
+    kv = torch.randn(L, 2, 2 * N, H, D)
+    a.scatter_blocks(stacked, blocks, kv)
+    for i in range(L):  # each layer holds its own slice, exactly as a per-layer write leaves it
+        ref = torch.zeros(B, H, N, 2 * D)
+        a.scatter_blocks(ref, blocks, kv[i])
+        assert torch.equal(layers[i], ref)
+    assert torch.equal(a.gather_blocks(stacked, blocks), kv)
+    assert stacked_layers([layers[0], layers[2], layers[1]]) is None  # not a constant stride
+    assert stacked_layers([torch.zeros(B, H, N, 2 * D), torch.zeros(B, H, N, 2 * D)]) is None  # two allocations
+
+
+def test_grouped_paged_kv_model_order_and_null_blocks():
+    """Hybrid models: vLLM groups layers (e.g. Gemma-3: 0,6,12 | 1,7,13 | ... ) and the groups share memory
+    regions with group-owned block ids; out-of-window slots hold the null block 0."""
+    from kvplug.integrations.vllm.loading import PagedKV
+
+    regions = [torch.zeros(B, H, N, 2 * D) for _ in range(2)]  # layer j of every group lives in region j
+    groups = [[regions[0], regions[1]], [regions[0], regions[1]]]
+    paged = PagedKV(groups, CpuVecAdapter(D), N, positions=[[0, 2], [1, 3]])  # model layers 0,2 | 1,3
+    kv = torch.randn(4, 2, 2 * N, H, D)
+    ids = [torch.tensor([0, 5]), torch.tensor([3, 7])]  # group 0's first block is out of its window
+    paged.write(kv, ids)
+    a = CpuVecAdapter(D)
+    assert torch.equal(a.gather_blocks(regions[0], torch.tensor([5])), kv[0, :, N:])  # group 0 layer 0 = model 0
+    assert torch.equal(a.gather_blocks(regions[1], torch.tensor([5])), kv[2, :, N:])  # group 0 layer 1 = model 2
+    assert torch.equal(a.gather_blocks(regions[0], torch.tensor([3, 7])), kv[1])  # group 1 layer 0 = model 1
+    assert torch.equal(a.gather_blocks(regions[1], torch.tensor([3, 7])), kv[3])
+    assert regions[0][0].abs().sum() == 0  # the null block was never written
+    assert paged.read(ids) is None  # a group lost these tokens: nothing whole to read
+    back = paged.read([torch.tensor([5]), torch.tensor([7])])
+    assert torch.equal(back[[0, 2]], kv[[0, 2], :, N:]) and torch.equal(back[[1, 3]], kv[[1, 3], :, N:])
+    with pytest.raises(ValueError, match="exactly once"):
+        PagedKV(groups, CpuVecAdapter(D), N, positions=[[0, 1], [1, 3]])

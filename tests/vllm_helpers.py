@@ -28,6 +28,15 @@ def metric(report: dict[str, Any], name: str, **labels: str) -> float:
     return report["metrics"].get(name + json.dumps(labels, sort_keys=True), 0.0)
 
 
+def load_failures(report: dict[str, Any]) -> float:
+    """Loads that fell back to recompute, whatever the reason (kinds load_miss, load_refused, load_deadline...)."""
+    return sum(
+        v
+        for k, v in report["metrics"].items()
+        if k.startswith("kvplug_connector_errors_total{") and json.loads(k[k.index("{") :])["kind"].startswith("load_")
+    )
+
+
 def tokens(report: dict[str, Any]) -> list[list[int]]:
     return [o["token_ids"] for o in report["outputs"]]
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvplug.codec import CODEC_NAMES, get_codec
+from kvplug.codec.frame import MacKey
 
 
 @dataclass
@@ -35,27 +36,30 @@ def bench_codecs(
     names: tuple[str, ...] = tuple(n for n in CODEC_NAMES if n != "kivi"),
     repeats: int = 3,
     progress: Callable[[str], None] | None = None,
+    mac_names: tuple[str, ...] = (),
 ) -> list[CodecResult]:
-    """Measure each codec on ``kv`` ``[layers, 2, tokens, heads, dim]`` (best of ``repeats`` timings)."""
+    """Measure each codec on ``kv`` ``[layers, 2, tokens, heads, dim]`` (best of ``repeats`` timings); the codecs
+    in ``mac_names`` are measured a second time with an authenticated frame (keyed BLAKE3 MAC)."""
     nbytes = kv.numel() * kv.element_size()
     x = kv.float()
     out: list[CodecResult] = []
-    for name in names:
+    mac = MacKey.from_secret("benchmark secret, not a real one")
+    for name, mac_key in [(n, None) for n in names] + [(n, mac) for n in mac_names]:
         codec = get_codec(name)
         enc = dec = float("inf")
         payload = b""
         y = kv
         for _ in range(repeats):
             t0 = time.perf_counter()
-            payload = codec.encode(kv, key="0" * 64)
+            payload = codec.encode(kv, key="0" * 64, mac_key=mac_key)
             t1 = time.perf_counter()
-            y = codec.decode(payload, key="0" * 64)
+            y = codec.decode(payload, key="0" * 64, mac_key=mac_key)
             t2 = time.perf_counter()
             enc, dec = min(enc, t1 - t0), min(dec, t2 - t1)
         yf = y.float()
         out.append(
             CodecResult(
-                codec=codec.spec,
+                codec=codec.spec + (" + MAC" if mac_key else ""),
                 ratio=nbytes / len(payload),
                 rel_l2=_rel(yf, x),
                 max_abs=float((yf - x).abs().max()),
@@ -67,4 +71,32 @@ def bench_codecs(
         )
         if progress:
             progress(name)
+    return out
+
+
+def integrity_gbps(nbytes: int = 64 << 20, repeats: int = 5) -> dict[str, float]:
+    """GB/s of the integrity functions over one buffer: the unkeyed checksum and the keyed alternatives."""
+    import hashlib
+    import hmac
+    import os
+
+    import blake3
+    import xxhash
+
+    data = os.urandom(nbytes)
+    key = b"k" * 32
+    fns: dict[str, Callable[[], object]] = {
+        "xxh3-64 (checksum, default)": lambda: xxhash.xxh3_64_digest(data),
+        "BLAKE3 keyed (MAC, with a secret)": lambda: blake3.blake3(data, key=key).digest(),
+        "HMAC-SHA256 (for comparison)": lambda: hmac.new(key, data, "sha256").digest(),
+        "BLAKE2b keyed (for comparison)": lambda: hashlib.blake2b(data, key=key, digest_size=32).digest(),
+    }
+    out = {}
+    for name, fn in fns.items():
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        out[name] = nbytes / best / 1e9
     return out

@@ -13,8 +13,29 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
     PromMetricT,
 )
 
-FIELDS = ("loaded_tokens", "saved_tokens", "load_seconds", "save_seconds", "load_errors", "save_errors")
+FIELDS = (
+    "loaded_tokens",
+    "saved_tokens",
+    "load_seconds",
+    "save_seconds",
+    "load_errors",
+    "save_errors",
+    "load_bytes",
+    "load_fetch_seconds",
+    "load_decode_seconds",
+    "load_write_seconds",
+    "blend_requests",
+    "blend_reused_tokens",
+    "blend_recomputed",
+)
 _DOCS = {
+    "blend_requests": "Requests prefilled by kvplug blending (reused segment KV, selective recompute)",
+    "blend_reused_tokens": "Prompt tokens whose KV blending loaded from stored segments",
+    "blend_recomputed": "Loaded tokens blending recomputed (selected by its strategy)",
+    "load_bytes": "Payload bytes fetched by kvplug loads",
+    "load_fetch_seconds": "Seconds kvplug's load pipeline spent in store round trips (background thread)",
+    "load_decode_seconds": "Seconds kvplug's load pipeline spent verifying and decoding payloads",
+    "load_write_seconds": "Seconds kvplug's load pipeline spent writing KV into the paged cache",
     "loaded_tokens": "Tokens of KV loaded by kvplug",
     "saved_tokens": "Tokens of KV saved by kvplug",
     "load_seconds": "Seconds spent loading KV by kvplug",
