@@ -39,9 +39,23 @@ CONNECTOR_SAVE_SECONDS = Histogram(
 CONNECTOR_ERRORS = Counter(
     "kvplug_connector_errors", "Connector failures (each one a recompute, never a wrong answer)", ["engine", "kind"]
 )
+BLEND_REQUESTS = Counter(
+    "kvplug_blend_requests", "Requests with a blend plan, by outcome (blended, fallback, refused)", ["outcome"]
+)
+BLEND_SEGMENTS = Counter(
+    "kvplug_blend_segments", "Reused segments looked up, by result (hit, miss, refused)", ["result"]
+)
+BLEND_TOKENS = Counter(
+    "kvplug_blend_tokens", "Prompt tokens of blend requests: reused (loaded), recomputed (of those), fresh", ["kind"]
+)
+BLEND_FALLBACKS = Counter("kvplug_blend_fallbacks", "Blend requests run as full prefills, by reason", ["reason"])
 PAYLOAD_ERRORS = Counter("kvplug_payload_errors", "Stored payloads refused on decode (treated as misses)", ["kind"])
 
 __all__ = [
+    "BLEND_FALLBACKS",
+    "BLEND_REQUESTS",
+    "BLEND_SEGMENTS",
+    "BLEND_TOKENS",
     "CONNECTOR_ERRORS",
     "CONNECTOR_HIT_TOKENS",
     "CONNECTOR_LOADED_TOKENS",

@@ -18,11 +18,22 @@ def register() -> None:
     from kvplug.integrations.vllm._compat import check_version
 
     _register_sparse_backend()
+    _register_blend_models()
     if CONNECTOR_NAME in KVConnectorFactory._registry:
         return
     check_version()
     KVConnectorFactory.register_connector(CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME)
     log.debug("kvplug: registered %s", CONNECTOR_NAME)
+
+
+def _register_blend_models() -> None:
+    """Llama/Qwen2/Qwen3 resolve to kvplug's blend classes: the stock forward until a request carries a blend plan
+    (docs/blending.md). Idempotent; ``KVPLUG_BLEND=off`` leaves vLLM's classes in place."""
+    from kvplug.integrations.vllm.blend import register_models
+
+    archs = register_models()
+    if archs:
+        log.debug("kvplug: blend model classes for %s", ", ".join(archs))
 
 
 def _register_sparse_backend() -> None:

@@ -190,3 +190,154 @@ def override_cpu_attention(class_path: str) -> bool:
         return False
     register_backend(backend, class_path)
     return True
+
+
+# ---- blending (kvplug.integrations.vllm.blend) ------------------------------------------------------------------
+# Private vLLM internals used by the blend step (verified with vLLM 0.32.0, CPU_ATTN): the forward context's
+# per-layer attention metadata and slot mappings (swapped for the layers that run on the selected rows only), the
+# CPU attention metadata dataclass (rebuilt for those rows) and the batch's request order (the runner's
+# ``input_batch.req_ids``, recorded by ``track_runner_batches``).
+
+
+def require_tested(feature: str) -> None:
+    """Stop with a clear error when ``feature`` (which reaches into vLLM internals) meets an untested vLLM;
+    ``KVPLUG_ALLOW_UNTESTED_VLLM=1`` lets an operator try anyway."""
+    import os
+
+    v = vllm_version().split("+")[0]
+    if v not in TESTED_VLLM and os.environ.get("KVPLUG_ALLOW_UNTESTED_VLLM") != "1":
+        from kvplug.errors import ConfigError
+
+        raise ConfigError(
+            f"kvplug {feature} reaches into vLLM internals and was tested with vLLM {', '.join(TESTED_VLLM)}; "
+            f"found {v}. Use a tested vLLM, or set KVPLUG_ALLOW_UNTESTED_VLLM=1 to try (and run kvplug's tests)."
+        )
+
+
+def record_batch_order() -> None:
+    """Also remember the request order of the last batch whose attention metadata was built (the forward that
+    follows runs that batch): the blend step maps its plans to batch rows with it. Idempotent."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    track_runner_batches()
+    original = GPUModelRunner._build_attention_metadata
+    if getattr(original, "_kvplug_order", False):
+        return
+
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        _BATCH.order = list(self.input_batch.req_ids)
+        return out
+
+    wrapper._kvplug_wrapped = True  # type: ignore[attr-defined]
+    wrapper._kvplug_order = True  # type: ignore[attr-defined]
+    GPUModelRunner._build_attention_metadata = wrapper  # type: ignore[method-assign]
+
+
+def last_batch_order() -> list[str]:
+    """Request ids of the current batch in row order (empty before any batch)."""
+    return list(getattr(_BATCH, "order", []) or [])
+
+
+def forward_context() -> Any:
+    from vllm.forward_context import get_forward_context
+
+    return get_forward_context()
+
+
+def layer_attention_metadata(ctx: Any, layer_name: str) -> Any:
+    meta = ctx.attn_metadata
+    if isinstance(meta, list):
+        meta = meta[0]
+    return meta[layer_name] if isinstance(meta, dict) else meta
+
+
+def swap_layer_metadata(ctx: Any, layer_names: list[str], meta: Any, slots: torch.Tensor) -> dict[str, Any]:
+    """Point ``layer_names`` at ``meta`` and ``slots`` in the forward context; returns what to restore."""
+    saved: dict[str, Any] = {}
+    attn = ctx.attn_metadata
+    if isinstance(attn, list):
+        attn = attn[0]
+    for name in layer_names:
+        saved[name] = (attn[name], ctx.slot_mapping.get(name))
+        attn[name] = meta
+        ctx.slot_mapping[name] = slots
+    return saved
+
+
+def restore_layer_metadata(ctx: Any, saved: dict[str, Any]) -> None:
+    attn = ctx.attn_metadata
+    if isinstance(attn, list):
+        attn = attn[0]
+    for name, (meta, slots) in saved.items():
+        attn[name] = meta
+        if slots is None:
+            ctx.slot_mapping.pop(name, None)
+        else:
+            ctx.slot_mapping[name] = slots
+
+
+def cpu_rows_metadata(
+    meta: Any,
+    vllm_config: VllmConfig,
+    query_lens: list[int],
+    seq_lens: list[int],
+    table_rows: list[int],
+    slots: torch.Tensor,
+) -> Any:
+    """CPU_ATTN metadata for a reduced batch of pseudo-sequences (each a run of selected tokens of one request:
+    query length = run length, sequence length = last position + 1, the request's block-table row), with the
+    scheduler metadata rebuilt by vLLM's own helper. ``meta`` is the step's metadata (its class and extra fields
+    are kept)."""
+    import dataclasses
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    if not isinstance(meta, CPUAttentionMetadata):
+        raise NotImplementedError(f"kvplug blending runs on CPU_ATTN only (this step uses {type(meta).__name__})")
+    mc, pc, cc = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    qsl = torch.zeros(len(query_lens) + 1, dtype=meta.query_start_loc.dtype)
+    qsl[1:] = torch.tensor(query_lens, dtype=qsl.dtype).cumsum(0)
+    sl = torch.tensor(seq_lens, dtype=meta.seq_lens.dtype)
+    table = meta.block_table[torch.tensor(table_rows, dtype=torch.long)]
+    head_dim = mc.get_head_size()
+    isa = cpu_attn_isa(vllm_config, mc.dtype, cc.block_size, head_dim)
+    sched = cpu_scheduler_metadata(
+        num_reqs=len(query_lens),
+        num_heads=mc.get_num_attention_heads(pc),
+        num_kv_heads=mc.get_num_kv_heads(pc),
+        head_dim=head_dim,
+        seq_lens=sl,
+        dtype=mc.dtype,
+        query_start_loc=qsl,
+        sliding_window=-1,
+        isa=isa,
+        kv_cache_dtype=cc.cache_dtype,
+    )
+    return dataclasses.replace(
+        meta,
+        num_actual_tokens=int(qsl[-1]),
+        max_query_len=max(query_lens),
+        query_start_loc=qsl,
+        max_seq_len=max(seq_lens),
+        seq_lens=sl,
+        block_table=table,
+        slot_mapping=slots,
+        scheduler_metadata=sched,
+        use_sdpa_prefill=False,
+        num_decode_tokens=0,
+        sdpa_attn_masks=None,
+        sdpa_start_loc=None,
+    )
+
+
+def register_model_class(architecture: str, class_path: str) -> bool:
+    """Make ``architecture`` resolve to ``class_path`` in vLLM's model registry (out-of-tree model classes, a
+    public plugin API). Idempotent; False when vLLM does not know the architecture."""
+    from vllm import ModelRegistry
+
+    if architecture not in ModelRegistry.get_supported_archs():
+        return False
+    ModelRegistry.register_model(architecture, class_path)
+    return True
