@@ -345,6 +345,21 @@ class KVPlugConnector(KVConnectorBase_V1, SupportsHMA):
             return 0, False
         return st.load_end - num_computed_tokens, self.async_load
 
+    @never_raises("estimate", 0)
+    def estimated_hit_tokens(self, request: Request) -> int:
+        """Prompt tokens this connector expects to serve for ``request`` without computing them: the stored prefix,
+        or for a blend request the tokens of its segments found in the store (an upper bound: a blend step still
+        recomputes a fraction). One store lookup per request, cached for its lifetime; what a scheduler ranks by."""
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            self.get_num_new_matched_tokens(request, 0)  # the lookup vLLM would do anyway, done early and cached
+            st = self._reqs.get(request.request_id)
+        if st is None:
+            return 0
+        if st.blend is not None:
+            return sum(s.end - s.start for s in st.blend.segments if s.found)
+        return st.load_end
+
     @never_raises("alloc")
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         st = self._reqs.get(request.request_id)
