@@ -10,12 +10,19 @@ TTFT = wall time of `generate(max_tokens=1)` inside the engine process (prefill 
 configuration first stores the prompt (request 1), then loads it in later requests with vLLM's prefix cache off,
 so every hit comes from the store.
 
-    .venv/bin/python bench/vllm_ttft.py [--lengths 1024,2048,4096] [--reps 3] [--out docs/results/vllm_ttft.md]
+    .venv/bin/python bench/vllm_ttft.py [--lengths 1024,2048,4096,8192] [--reps 3] [--out docs/results/vllm_ttft.md]
+
+Also writes docs/results/vllm_ttft.csv (tokens, config, ttft_s, speedup_vs_full, ratio_vs_vllm_hit, load_gbps,
+store_gbps) and, per kvplug configuration, where the load time went (the connector's fetch/decode/write seconds,
+reported through vLLM's connector stats). ``store_gbps`` is the same store's own ``get_many`` throughput for the same
+payloads, measured in this run right after the engines (``kvplug.bench.load_bench``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -37,7 +44,7 @@ def metric(report: dict, name: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lengths", default="1024,2048,4096")
+    ap.add_argument("--lengths", default="1024,2048,4096,8192")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--out", type=Path, default=None)
@@ -51,10 +58,13 @@ def main() -> None:
     model = str(smollm2_dir())
     ids = AutoTokenizer.from_pretrained(model)("\n\n".join(topics[k] for k in sorted(topics))).input_ids
     lengths = [int(x) for x in args.lengths.split(",")]
-    base = {"model": model, "dtype": args.dtype, "max_tokens": 1, "max_model_len": 8192, "max_num_batched_tokens": 8192}
+    top = max(lengths) + 64
+    base = {"model": model, "dtype": args.dtype, "max_tokens": 1, "max_model_len": top, "max_num_batched_tokens": top}
     tmp = Path(tempfile.mkdtemp(prefix="kvplug-ttft-"))
     rows: dict[int, dict[str, float]] = {n: {} for n in lengths}
     bw: dict[str, list[float]] = {}
+    prof: dict[str, dict[str, float]] = {}
+    store_gbps: dict[str, float] = {}
     with RedisServer() as rs:
         configs = {
             "a_full": {"connector": False},
@@ -62,7 +72,6 @@ def main() -> None:
             "c_disk": {"extra": {"store": f"file://{tmp}/disk?max_bytes=8GiB"}},
             "d_redis": {"extra": {"store": rs.url}},
             "e_redis_int8": {"extra": {"store": rs.url, "codec": "int8"}},
-            "e_redis_fp8": {"extra": {"store": rs.url, "codec": "fp8"}},
         }
         for name, cfg in configs.items():
             for i, n in enumerate(lengths):
@@ -80,39 +89,82 @@ def main() -> None:
                 )
                 if loaded and secs:
                     bw.setdefault(name, []).append(loaded / secs)
+                    rows[n][name + "_gbps"] = loaded * BYTES_PER_TOKEN_BF16 / secs / 1e9
+                    p = prof.setdefault(name, {})
+                    for part in ("fetch", "decode", "write", "wait"):
+                        p[part] = p.get(part, 0.0) + r["metrics"].get(
+                            "kvplug_connector_load_phase_seconds_total" + json.dumps({"engine": "vllm", "phase": part}),
+                            0.0,
+                        )
+                    p["total"] = p.get("total", 0.0) + secs
                 print(name, n, [round(t, 3) for t in times], cachedtok, flush=True)
+        from kvplug.bench.load_bench import bench_load
+
+        for name, url, codec in (
+            ("c_disk", f"file://{tmp}/own", "raw"),
+            ("d_redis", rs.url, "raw"),
+            ("e_redis_int8", rs.url, "int8"),
+        ):  # the stores' own throughput for the same payload sizes, right after the engines
+            store_gbps[name] = bench_load(url, tokens=2048, codec=codec, rounds=3).store_gbps
     lines = [
         f"TTFT on SmolLM2-135M-Instruct, vLLM {_vllm()} CPU, {args.dtype}, median of {args.reps} hits after one "
         f"store request; each configuration a new engine process (`bench/vllm_ttft.py`).",
         "",
         "| prompt tokens | (a) full prefill s | (b) vLLM prefix hit s | (c) kvplug disk s | (d) kvplug Redis s "
-        "| (e) Redis int8 s | (e) Redis fp8 s | (c) speedup | (d) speedup | (d) vs bound (b) | (e) int8 speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| (e) Redis int8 s | (c) vs (b) | (d) vs (b) | (e) vs (b) | (d) speedup vs (a) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    csv_rows = []
     for n in lengths:
         r = rows[n]
+        b = r["b_vllm_prefix"]
         lines.append(
-            f"| {n} | {r['a_full']:.3f} | {r['b_vllm_prefix']:.3f} | {r['c_disk']:.3f} | {r['d_redis']:.3f} | "
-            f"{r['e_redis_int8']:.3f} | {r['e_redis_fp8']:.3f} | {r['a_full'] / r['c_disk']:.2f}x | "
-            f"{r['a_full'] / r['d_redis']:.2f}x | {r['d_redis'] / r['b_vllm_prefix']:.2f}x slower | "
-            f"{r['a_full'] / r['e_redis_int8']:.2f}x |"
+            f"| {n} | {r['a_full']:.3f} | {b:.3f} | {r['c_disk']:.3f} | {r['d_redis']:.3f} | "
+            f"{r['e_redis_int8']:.3f} | {r['c_disk'] / b:.2f}x | {r['d_redis'] / b:.2f}x | "
+            f"{r['e_redis_int8'] / b:.2f}x | {r['a_full'] / r['d_redis']:.1f}x |"
         )
+        for name in configs:
+            csv_rows.append(
+                [
+                    n,
+                    name,
+                    round(r[name], 4),
+                    round(r["a_full"] / r[name], 3),
+                    round(r[name] / b, 3),
+                    round(r.get(name + "_gbps", 0.0), 3) or "",
+                    store_gbps.get(name, ""),
+                ]
+            )
     lines += [
         "",
         "Cached tokens reported by vLLM per hit: "
         + ", ".join(
             f"{n}: vLLM {rows[n]['b_vllm_prefix_cached']:.0f}, kvplug {rows[n]['d_redis_cached']:.0f}" for n in lengths
         ),
-    ]
-    lines += [
         "",
-        "Load path throughput (tokens loaded / connector load seconds, all lengths; bf16 raw = "
-        f"{BYTES_PER_TOKEN_BF16} bytes/token):",
+        f"Load path (all lengths together; bf16 raw = {BYTES_PER_TOKEN_BF16} bytes/token), next to each store's own "
+        "`get_many` GB/s for the same payloads measured in this run, and where the load time went (fetch and "
+        "decode run on a background thread while the engine thread writes; wait = engine thread idle):",
         "",
+        "| config | load GB/s | store GB/s | load / store | fetch s | decode s | write s | wait s | total s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, vals in bw.items():
-        tps = statistics.median(vals)
-        lines.append(f"- {name}: {tps:,.0f} tokens/s = {tps * BYTES_PER_TOKEN_BF16 / 1e9:.2f} GB/s of bf16 KV")
+        gbps = statistics.median(vals) * BYTES_PER_TOKEN_BF16 / 1e9
+        sg = store_gbps.get(name)
+        p = prof.get(name, {})
+        lines.append(
+            f"| {name} | {gbps:.2f} | {sg if sg is not None else '-'} | "
+            f"{(gbps / sg if sg else 0):.2f} | {p.get('fetch', 0):.3f} | {p.get('decode', 0):.3f} | "
+            f"{p.get('write', 0):.3f} | {p.get('wait', 0):.3f} | {p.get('total', 0):.3f} |"
+        )
+    if args.out:
+        with open(args.out.with_suffix(".csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(
+                ["tokens", "config", "ttft_s", "speedup_vs_full", "ratio_vs_vllm_hit", "load_gbps", "store_gbps"]
+            )
+            w.writerows(csv_rows)
     emit_table(lines, args.out)
 
 

@@ -30,6 +30,11 @@ CONNECTOR_SAVED_TOKENS = Counter("kvplug_connector_saved_tokens", "Tokens of KV 
 CONNECTOR_LOAD_SECONDS = Histogram(
     "kvplug_connector_load_seconds", "Time to load one request's KV", ["engine"], buckets=_LATENCY_BUCKETS
 )
+CONNECTOR_LOAD_PHASE_SECONDS = Counter(
+    "kvplug_connector_load_phase_seconds",
+    "Seconds of the load pipeline by phase: fetch and decode (background thread), write (engine thread)",
+    ["engine", "phase"],
+)
 CONNECTOR_SAVE_SECONDS = Histogram(
     "kvplug_connector_save_seconds",
     "Time to encode and store one batch of chunks",
@@ -59,6 +64,7 @@ __all__ = [
     "CONNECTOR_ERRORS",
     "CONNECTOR_HIT_TOKENS",
     "CONNECTOR_LOADED_TOKENS",
+    "CONNECTOR_LOAD_PHASE_SECONDS",
     "CONNECTOR_LOAD_SECONDS",
     "CONNECTOR_LOOKUP_TOKENS",
     "CONNECTOR_SAVED_TOKENS",

@@ -591,6 +591,8 @@ class KVPlugConnector(KVConnectorBase_V1, SupportsHMA):
         self.last_load = p
         metrics.CONNECTOR_LOADED_TOKENS.labels(ENGINE).inc(loaded)
         metrics.CONNECTOR_LOAD_SECONDS.labels(ENGINE).observe(p.total_s)
+        for phase in ("fetch", "decode", "write", "wait"):
+            metrics.CONNECTOR_LOAD_PHASE_SECONDS.labels(ENGINE, phase).inc(getattr(p, f"{phase}_s"))
         self._record(
             loaded_tokens=loaded,
             load_seconds=p.total_s,
