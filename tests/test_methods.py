@@ -20,7 +20,7 @@ B, H, G, N, D, L = 2, 2, 2, 96, 16, 4
 ROPE = km.Rope(default_inv_freq(D))
 REQUIRED = [
     "streamingllm", "h2o", "snapkv", "pyramidkv", "tova", "scissorhands", "cake", "knorm", "random", "recent",
-    "razorattention", "think", "minicache", "kivi", "kvquant", "int8", "fp8",
+    "razorattention", "think", "minicache", "kivi", "kvquant", "int8", "fp8", "expectedattention", "keydiff", "kvzip",
 ]  # fmt: skip
 EVICTORS = [n for n in km.available() if issubclass(km.method_class(n), km.Evictor)]
 TRANSFORMS = [n for n in km.available() if issubclass(km.method_class(n), km.Transform)]
@@ -28,14 +28,23 @@ DECODERS = [n for n in EVICTORS if km.method_class(n).supports_decode]
 DECODE_PARAMS = {"scissorhands": {"recent_window": 4}}
 
 
-def make_layers(n=N, layers=L, dtype=torch.float32, seed=0, b=B, h=H, g=G, d=D):
+def make_layers(n=N, layers=L, dtype=torch.float32, seed=0, b=B, h=H, g=G, d=D, chunk=32):
+    """Random layers with every query, and replays (KVzip) re-reading ``chunk``-token pieces with 3 prompt
+    tokens in front."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i in range(layers):
         k = torch.randn(b, h, n, d, generator=gen)
         v = torch.randn(b, h, n, d, generator=gen)
         q = torch.randn(b, h * g, n, d, generator=gen)
-        out.append(km.LayerKV(k.to(dtype), v.to(dtype), q.to(dtype), layer_idx=i, num_layers=layers, rope=ROPE))
+        replays = []
+        for s in range(0, n, chunk):
+            r = min(chunk, n - s) + 3
+            rq, rk = torch.randn(b, h * g, r, d, generator=gen), torch.randn(b, h, r, d, generator=gen)
+            replays.append(km.Replay(rq.to(dtype), rk.to(dtype), s, min(n, s + chunk)))
+        la = km.LayerKV(k.to(dtype), v.to(dtype), q.to(dtype), layer_idx=i, num_layers=layers, rope=ROPE)
+        la.replays = replays
+        out.append(la)
     return out
 
 
@@ -316,8 +325,10 @@ def aligned_layers(target, rows="window", n=N, layers=1, scale=8.0):
         ("pyramidkv", {}, 7),
         ("cake", {}, 5),
         ("snapkv", {"kernel_size": 1}, 1),
-        ("scissorhands", {"history_window": 32, "recent_window": 32}, 1),
+        ("scissorhands", {"history_window": 32, "recent_window": 32}, 7),  # max-pooled counts: the patch too
+        ("scissorhands", {"history_window": 32, "recent_window": 32, "kernel_size": 1}, 1),
         ("h2o", {"recent_ratio": 0.0}, 1),
+        ("h2o", {"recent_ratio": 0.0, "normalize": True}, 1),
         ("razorattention", {}, 0),
     ],
 )
@@ -396,7 +407,7 @@ def test_decode_cache_never_exceeds_budget_and_is_deterministic(name):
     a, b = decode_run(name, **DECODE_PARAMS.get(name, {})), decode_run(name, **DECODE_PARAMS.get(name, {}))
     assert all(p.shape[2] == 16 for p in a)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    if name not in ("random", "knorm", "tova"):  # the newest token is protected by a recent window or sinks
+    if name not in ("random", "knorm", "tova", "keydiff"):  # the newest token is protected by a window or sinks
         assert all(bool((p[..., -1] == 40 + i).all()) for i, p in enumerate(a))
 
 
@@ -561,12 +572,30 @@ def test_minicache_merges_pairs_from_the_middle():
     assert torch.allclose(out[4].keys, layers[4].keys, atol=1e-5)
     assert torch.equal(out[5].keys, layers[5].keys)  # unpaired last layer
     rand = make_layers(n=40, layers=2, seed=3)
-    a, b = km.get("minicache", start_layer=0, retention_ratio=0.1).compress(rand)
+    a, b = km.get("minicache", start_layer=0, retention_ratio=0.1, min_similarity=0.0).compress(rand)
     assert torch.allclose(a.keys.norm(dim=-1), rand[0].keys.norm(dim=-1), atol=1e-4)
     assert torch.allclose(b.values.norm(dim=-1), rand[1].values.norm(dim=-1), atol=1e-4)
     exact = (a.keys == rand[0].keys).all(-1) & (b.keys == rand[1].keys).all(-1)
     assert bool((exact.sum(-1) >= 4).all())  # round(0.1 * 40) retained tokens per head, unmerged in both
     assert a.nbytes + b.nbytes < 2 * B * H * 40 * D * 8 * 0.65
+
+
+def test_minicache_merges_only_similar_pairs():
+    """The gate: dissimilar adjacent layers (random, cosine ~0) stay whole at full bytes; similar ones merge."""
+    rand = make_layers(n=40, layers=2, seed=3)
+    assert abs(km.MiniCache.similarity(rand[0].keys, rand[1].keys)) < 0.1
+    a, b = km.get("minicache", start_layer=0).compress(rand)
+    assert torch.equal(a.keys, rand[0].keys) and torch.equal(b.values, rand[1].values)
+    assert a.nbytes + b.nbytes == 2 * B * H * 40 * D * 8
+    gen = torch.Generator().manual_seed(1)
+    near = km.LayerKV(rand[0].keys + 0.3 * torch.randn(rand[0].keys.shape, generator=gen), rand[1].values)
+    sim = km.MiniCache.similarity(rand[0].keys, near.keys)
+    assert sim > 0.9
+    a, b = km.get("minicache", start_layer=0, min_similarity=0.9).compress([rand[0], near])
+    assert not torch.equal(a.keys, rand[0].keys)  # keys merged ...
+    assert torch.equal(b.values, rand[1].values)  # ... values (dissimilar) not
+    a2, _ = km.get("minicache", start_layer=0, min_similarity=sim + 0.01).compress([rand[0], near])
+    assert torch.equal(a2.keys, rand[0].keys) and a2.nbytes > a.nbytes
 
 
 # --------------------------------------------------------------------------------------------- composition
@@ -627,3 +656,160 @@ def test_window_and_accumulated_attention_match_the_full_matrix():
         km.get("snapkv", window_size=w).score(km.LayerKV(k, k, q[:, :, -w:])),
         atol=1e-6,
     )
+
+
+# ------------------------------------------------------------------------------- the kvpress-matched variants
+def full_attention(la):
+    """Causal softmax of every query against every key, ``[B, Hq, N, N]`` (float32)."""
+    g = la.queries.shape[1] // la.heads
+    kr = la.keys.float().repeat_interleave(g, dim=1)
+    logits = la.queries.float() @ kr.transpose(-1, -2) * la.scale
+    n = la.length
+    return logits.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+
+
+def test_h2o_normalize_is_the_mean_attention_each_key_received():
+    """kvpress ObservedAttentionPress: sum over queries / number of queries that see the key, GQA mean."""
+    (la,) = make_layers(n=40, layers=1)
+    probs = full_attention(la)
+    ref = (probs.sum(2) / torch.arange(40, 0, -1)).reshape(B, H, G, 40).mean(2)
+    got = km.get("h2o", normalize=True).score(la)
+    assert torch.allclose(got, ref, atol=1e-5)
+    plain = km.get("h2o").score(la)
+    assert torch.allclose(plain, probs.sum(2).reshape(B, H, G, 40).mean(2), atol=1e-5)
+    # the plain sum favours early keys (more queries see them), the normalised score does not
+    assert plain[..., :10].mean() > 3 * plain[..., -10:].mean()
+    # decode seeds stay plain sums whatever the prefill ranking was
+    (c,) = km.get("h2o", normalize=True, token_budget=20).compress([la])
+    assert torch.allclose(c.scores, plain.gather(-1, c.indices), atol=1e-5)
+    # shared sums (an engine computing them once for several methods) give the same choice
+    shared = km.LayerKV(la.keys, la.values, la.queries, attention_sums=probs.sum(2))
+    assert torch.allclose(km.get("h2o", normalize=True).score(shared), ref, atol=1e-5)
+    capped = km.get("h2o", normalize=True, prefill_queries=8).score(la)  # the last 8 queries only
+    ref8 = (probs[:, :, -8:].sum(2) / torch.arange(40, 0, -1).clamp(max=8)).reshape(B, H, G, 40).mean(2)
+    assert torch.allclose(capped, ref8, atol=1e-5)
+
+
+def test_pyramidkv_kvpress_schedule():
+    """kvpress 0.5.5: the window inside each layer's budget, uniform SnapKV when the pyramid's top layer would
+    get less than the window; the official schedule adds the window on top."""
+    kv = km.get("pyramidkv", compression_ratio=0.5, window_size=64, schedule="kvpress")
+    b = kv.layer_budgets(30, 1024)
+    assert b[0] == 960 and b[-1] == 64 and sum(b) == pytest.approx(30 * 512, abs=30)
+    assert kv.layer_budgets(30, 2048) != [1024] * 30
+    assert km.get("pyramidkv", compression_ratio=0.75, window_size=64, schedule="kvpress").layer_budgets(
+        30, 1024
+    ) == [256] * 30  # falls back to uniform SnapKV
+    factory = km.get("pyramidkv", compression_ratio=0.75, window_size=64).layer_budgets(30, 1024)
+    assert factory[0] > 256 > factory[-1] and sum(factory) == 30 * 256 and min(factory) > 64  # window on top
+    with pytest.raises(ConfigError, match="schedule"):
+        km.get("pyramidkv", schedule="cake")
+    layers = make_layers(layers=3)
+    out = km.get("pyramidkv", compression_ratio=0.5, window_size=8, schedule="kvpress").compress(layers)
+    budgets = km.get("pyramidkv", compression_ratio=0.5, window_size=8, schedule="kvpress").layer_budgets(3, N)
+    assert [int(c.kept[0, 0]) for c in out] == budgets
+
+
+def test_scissorhands_pooling_keeps_a_needle_whole():
+    """Counts pooled over neighbours: a multi-token needle that one query row singles out survives whole even
+    when its tokens' own counts tie with the noise."""
+    n = 96
+    (la,) = make_layers(n=n, layers=1)
+    u = torch.zeros(D)
+    u[0] = 1.0
+    la.keys[:, :, 40] = 6 * u  # the needle's key token; its neighbours 37..43 carry the digits
+    la.queries[:, :, -32:] = la.queries[:, :, -32:] * 0.1 + 6 * u
+    pooled = km.get("scissorhands", token_budget=32 + 7).compress([la])[0]
+    assert all(set(range(37, 44)) <= kept_positions(pooled, b, h) for b in range(B) for h in range(H))
+    plain = km.get("scissorhands", token_budget=32 + 7, kernel_size=1).compress([la])[0]
+    assert all(40 in kept_positions(plain, b, h) for b in range(B) for h in range(H))
+    assert not all(set(range(37, 44)) <= kept_positions(plain, b, h) for b in range(B) for h in range(H))
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean_direction():
+    (la,) = make_layers(n=64, layers=1)
+    common = torch.randn(D)
+    la.keys[:] = common + 0.05 * la.keys  # all keys nearly the same direction ...
+    la.keys[:, :, 9] = -common  # ... but one
+    (c,) = km.get("keydiff", token_budget=1).compress([la])
+    assert bool((c.indices == 9).all())
+    anchor = torch.nn.functional.normalize(la.keys, dim=-1).mean(2, keepdim=True)
+    ref = -torch.nn.functional.cosine_similarity(la.keys, anchor, dim=-1)  # kvpress KeyDiffPress
+    assert torch.allclose(km.get("keydiff").score(la), ref, atol=1e-6)
+
+
+def test_rope_mean_rotation_is_the_average_of_rotations():
+    pos = torch.arange(100, 108)
+    m = ROPE.mean_rotation(pos, D)
+    x = torch.randn(3, D)
+    ref = torch.stack([ROPE.apply(x, torch.full((3,), int(p))) for p in pos]).mean(0)
+    assert torch.allclose(x @ m.T, ref, atol=1e-5)
+
+
+def test_expected_attention_matches_its_formula_and_keeps_sinks():
+    """Pre-RoPE query mean/covariance (sinks' queries left out), rotated by the mean RoPE of the next positions;
+    score = softmax(k.mu * s + s^2 / 2 k^T S k), GQA mean, times ||v||; sinks kept."""
+    n, f = 48, 16
+    (la,) = make_layers(n=n, layers=1, b=1)
+    m = km.get("expectedattention", n_future_positions=f, compression_ratio=0.5)
+    q = ROPE.invert(la.queries, torch.arange(n))[:, :, 4:]  # pre-RoPE, without the 4 sink positions
+    mu = q.mean(2)
+    c = q - mu.unsqueeze(2)
+    cov = c.transpose(-1, -2) @ c / q.shape[2]
+    rot = ROPE.mean_rotation(torch.arange(n, n + f), D)
+    mu, cov = mu @ rot.T, rot @ cov @ rot.T
+    k = la.keys[:, :, 4:].repeat_interleave(G, dim=1)
+    s = la.scale
+    logits = (k @ mu.unsqueeze(-1)).squeeze(-1) * s + ((k @ cov) * k).sum(-1) * s * s / 2
+    ref = logits.softmax(-1).reshape(1, H, G, n - 4).mean(2) * la.values[:, :, 4:].norm(dim=-1)
+    got = m.score(la)
+    assert torch.allclose(got[..., 4:], ref, atol=1e-5)
+    (out,) = m.compress([la])
+    assert all({0, 1, 2, 3} <= kept_positions(out, 0, h) for h in range(H))
+    mean_only = km.get("expectedattention", n_future_positions=f, use_covariance=False, use_vnorm=False)
+    ref2 = ((k @ mu.unsqueeze(-1)).squeeze(-1) * s).softmax(-1).reshape(1, H, G, n - 4).mean(2)
+    assert torch.allclose(mean_only.score(la)[..., 4:], ref2, atol=1e-5)
+    with pytest.raises(ValueError, match="RoPE"):
+        m.score(km.LayerKV(la.keys, la.values, la.queries))
+
+
+def test_kvzip_replay_inputs_chunk_the_context_with_the_papers_prompts():
+    m = km.get("kvzip", chunk_size=4, overlap=2)
+
+    def enc(text):
+        return [-len(text)]  # stands for the prompt's tokens
+
+    ins = m.replay_inputs(list(range(10)), enc)
+    assert [(s, e) for s, e, _ in ins] == [(0, 4), (4, 8), (8, 10)]
+    assert ins[0][2] == [-len(m.prompt), -1, 0, 1, 2, 3]  # prompt, "\n" suffix, the chunk
+    assert ins[1][2] == [-len(m.continue_prompt), 2, 3, -1, 4, 5, 6, 7]  # quotes the previous chunk's end
+
+
+def test_kvzip_scores_by_reconstruction_attention_and_ranks_across_layers():
+    n = 64
+    layers = make_layers(n=n, layers=3, b=1)
+    u = torch.zeros(D)
+    u[0] = 1.0
+    layers[2].keys[:, 1, 30] = 8 * u  # the replay of layer 2 attends to token 30 in head 1
+    for r in layers[2].replays:
+        r.queries[:, 2:4] = r.queries[:, 2:4] * 0.1 + 8 * u  # query heads of KV head 1 (G = 2)
+    m = km.get("kvzip", compression_ratio=0.75)
+    scores = [m.score(la) for la in layers]
+    assert int(scores[2][0, 1].argmax()) == 30
+    # reference for one chunk: softmax over sinks + chunk + the replay's own keys (causal), max over group, rows
+    la, r = layers[0], layers[0].replays[1]
+    keys = torch.cat([la.keys[:, :, :4], la.keys[:, :, r.start : r.end], r.keys], 2)
+    qk = r.queries @ keys.repeat_interleave(G, dim=1).transpose(-1, -2) * la.scale
+    rr, w = r.queries.shape[2], keys.shape[2]
+    qk = qk.masked_fill(torch.arange(w).view(1, -1) > (w - rr + torch.arange(rr)).view(-1, 1), float("-inf"))
+    ref = qk.softmax(-1)[..., 4 : 4 + r.end - r.start].reshape(1, H, G, rr, -1).amax(dim=(2, 3))
+    assert torch.allclose(scores[0][..., r.start : r.end], ref, atol=1e-6)
+    out = m.compress(layers)
+    per = torch.stack([c.kept[0] for c in out])  # [L, H]
+    assert int(per.sum()) == 3 * H * uniform(n, 0.75) and len(set(per.flatten().tolist())) > 1
+    assert all(30 in kept_positions(out[2], 0, 1) and {0, 1, 2, 3} <= kept_positions(c, 0, 0) for c in out)
+    flat = km.get("kvzip", compression_ratio=0.75, layerwise=True).compress(layers)
+    assert all(bool((c.kept == uniform(n, 0.75)).all()) for c in flat)
+    bare = km.LayerKV(la.keys, la.values)
+    with pytest.raises(ValueError, match="replays"):
+        m.compress([bare])

@@ -108,8 +108,13 @@ def layer_window_attention(layer: LayerKV, window: int | None) -> Tensor:
 
 
 def layer_accumulated_attention(layer: LayerKV, rows: int | None = None, block: int = BLOCK_ROWS) -> Tensor:
-    """``[B, H, G, N]`` column sums over the last ``rows`` query rows a :class:`LayerKV` offers (None: all)."""
+    """``[B, H, G, N]`` column sums over the last ``rows`` query rows a :class:`LayerKV` offers (None: all); given
+    ``attention_sums`` (every prompt query) are used when all rows are asked for."""
     keys = layer.keys
+    sums = layer.attention_sums
+    if sums is not None and (rows is None or rows >= layer.length):
+        b, hq, n = sums.shape
+        return sums.float().reshape(b, keys.shape[1], hq // keys.shape[1], n)
     att = layer.attentions
     if att is not None:
         b, hq, _, n = att.shape
@@ -120,3 +125,16 @@ def layer_accumulated_attention(layer: LayerKV, rows: int | None = None, block: 
         raise ValueError("accumulated attention needs the layer's queries (or attentions)")
     q = q if rows is None else q[:, :, -rows:]
     return accumulated_attention(q, keys, layer.scale, block)
+
+
+def accumulated_rows(layer: LayerKV, rows: int | None = None) -> int:
+    """How many query rows :func:`layer_accumulated_attention` sums for ``rows`` (what the layer offers)."""
+    n = layer.length
+    if layer.attention_sums is not None and (rows is None or rows >= n):
+        return n
+    have = layer.attentions.shape[2] if layer.attentions is not None else None
+    if have is None:
+        if layer.queries is None:
+            raise ValueError("accumulated attention needs the layer's queries (or attentions)")
+        have = layer.queries.shape[2]
+    return have if rows is None else min(rows, have)

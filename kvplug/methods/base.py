@@ -24,6 +24,17 @@ INDEX_BYTES = 4  # an int32 token position, per kept (batch, head, token) entry 
 
 
 @dataclass
+class Replay:
+    """Tokens run after a layer's ``N`` tokens, on its uncompressed KV, that re-read tokens ``start:end`` of them
+    (KVzip's context reconstruction). The engine runs them and hands over their post-RoPE queries and keys."""
+
+    queries: Tensor  # [B, H*G, R, D]
+    keys: Tensor  # [B, H, R, D]
+    start: int
+    end: int
+
+
+@dataclass
 class LayerKV:
     """One attention layer's KV as the engine holds it (post-RoPE keys)."""
 
@@ -36,6 +47,8 @@ class LayerKV:
     scaling: float | None = None  # softmax scale; None = D**-0.5
     positions: Tensor | None = None  # [N] or [B, H, N] positions of the keys; None = arange(N)
     attentions: Tensor | None = None  # [B, H*G, W, N] attention probabilities of the last W queries, if known
+    attention_sums: Tensor | None = None  # [B, H*G, N] attention each key got, summed over all N prompt queries
+    replays: list[Replay] | None = None  # reconstruction passes (methods with ``needs_replay``)
 
     @property
     def batch(self) -> int:
@@ -78,6 +91,14 @@ class LayerKV:
             raise ValueError(f"queries head dim {self.queries.shape[3]} != keys head dim {k.shape[3]}")
         if self.attentions is not None and self.attentions.shape[3] != k.shape[2]:
             raise ValueError(f"attentions cover {self.attentions.shape[3]} keys, layer has {k.shape[2]}")
+        sums = self.attention_sums
+        if sums is not None and (sums.ndim != 3 or sums.shape[0] != k.shape[0] or sums.shape[2] != k.shape[2]):
+            raise ValueError(f"attention_sums must be [B, H*groups, N] for keys {tuple(k.shape)}, got {sums.shape}")
+        for r in self.replays or ():
+            if r.keys.shape[:2] != k.shape[:2] or r.queries.shape[2] != r.keys.shape[2]:
+                raise ValueError(f"replay keys {tuple(r.keys.shape)} / queries {tuple(r.queries.shape)} do not fit")
+            if not 0 <= r.start < r.end <= k.shape[2]:
+                raise ValueError(f"replay re-reads tokens {r.start}:{r.end} of a layer with {k.shape[2]}")
 
 
 @dataclass
@@ -120,6 +141,8 @@ class KVMethod:
     name: ClassVar[str] = ""
     supports_decode: ClassVar[bool] = False  # has new_state / decode_select
     whole_model: ClassVar[bool] = False  # compress needs every layer at once (not callable layer by layer)
+    needs_replay: ClassVar[bool] = False  # needs LayerKV.replays (the engine runs replay_inputs' tokens first)
+    uses_attention_sums: ClassVar[bool] = False  # reads column sums over all prompt queries (an engine may share them)
 
     @property
     def query_window(self) -> int | None:

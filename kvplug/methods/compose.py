@@ -45,6 +45,14 @@ class Composed(KVMethod):
         return self.evictor.supports_decode
 
     @property
+    def needs_replay(self) -> bool:  # type: ignore[override]
+        return self.evictor.needs_replay
+
+    @property
+    def uses_attention_sums(self) -> bool:  # type: ignore[override]
+        return self.evictor.uses_attention_sums
+
+    @property
     def query_window(self) -> int | None:
         a, b = self.evictor.query_window, self.transform.query_window
         return None if a is None or b is None else max(a, b)

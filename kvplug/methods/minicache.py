@@ -34,11 +34,14 @@ def slerp(u1: Tensor, u2: Tensor, t: float) -> tuple[Tensor, Tensor]:
 class MiniCache(KVMethod):
     """MiniCache (Liu et al., NeurIPS'24, arXiv 2405.14366): from ``start_layer`` (default L/2) on, layers are
     merged in adjacent pairs: one SLERP direction (``interpolation`` t) per token, each layer keeps its own
-    magnitudes; the ``retention_ratio`` of tokens with the widest angle stay unmerged in both layers."""
+    magnitudes; the ``retention_ratio`` of tokens with the widest angle stay unmerged in both layers. The merge
+    rests on adjacent layers' KV being similar: a pair's keys (values) are merged only when their mean per-token
+    cosine similarity is at least ``min_similarity`` (0 merges everything, as the paper's fixed schedule)."""
 
     start_layer: int | None = None
     interpolation: float = 0.6
     retention_ratio: float = 0.05
+    min_similarity: float = 0.5
     whole_model = True
 
     def __post_init__(self) -> None:
@@ -48,6 +51,8 @@ class MiniCache(KVMethod):
             raise ConfigError(f"minicache: retention_ratio must be in [0, 1], got {self.retention_ratio}")
         if self.start_layer is not None and self.start_layer < 0:
             raise ConfigError(f"minicache: start_layer must be >= 0, got {self.start_layer}")
+        if not -1.0 <= self.min_similarity <= 1.0:
+            raise ConfigError(f"minicache: min_similarity must be in [-1, 1], got {self.min_similarity}")
 
     def pairs(self, num_layers: int) -> list[tuple[int, int]]:
         """Positions (in the layers passed to ``compress``) merged together."""
@@ -62,8 +67,8 @@ class MiniCache(KVMethod):
             la, lb = layers[a], layers[b]
             if la.keys.shape != lb.keys.shape:
                 raise ValueError(f"minicache: layers {a} and {b} differ in shape")
-            ka, kb, kbytes = self.merge(la.keys, lb.keys)
-            va, vb, vbytes = self.merge(la.values, lb.values)
+            ka, kb, kbytes = self.merge_if_similar(la.keys, lb.keys)
+            va, vb, vbytes = self.merge_if_similar(la.values, lb.values)
             total = kbytes + vbytes
             out[a] = CompressedLayer(ka, va, None, (total + 1) // 2, None)
             out[b] = CompressedLayer(kb, vb, None, total // 2, None)
@@ -72,6 +77,17 @@ class MiniCache(KVMethod):
                 whole = raw_bytes(la.keys, la.values, la.batch * la.heads * n)
                 out[i] = CompressedLayer(la.keys, la.values, None, whole, None)
         return [c for c in out if c is not None]
+
+    @staticmethod
+    def similarity(x1: Tensor, x2: Tensor) -> float:
+        """Mean per-token cosine similarity of two layers' ``[B, H, N, D]`` keys (or values)."""
+        return float(torch.nn.functional.cosine_similarity(x1.float(), x2.float(), dim=-1).mean())
+
+    def merge_if_similar(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, int]:
+        """:meth:`merge` when the pair passes the ``min_similarity`` gate, else both unchanged (full bytes)."""
+        if self.similarity(x1, x2) >= self.min_similarity:
+            return self.merge(x1, x2)
+        return x1, x2, 2 * x1.numel() * x1.element_size()
 
     def merge(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, int]:
         """Merged ``x1, x2 [B, H, N, D]`` and the stored bytes of the pair (shared directions, both magnitudes,

@@ -39,6 +39,14 @@ class Rope:
         """Rotate ``x [..., N, D]`` (float32 out) at ``positions`` (``[N]`` or ``[..., N]``)."""
         return self._turn(x, positions, inverse=False)
 
+    def mean_rotation(self, positions: Tensor, head_dim: int) -> Tensor:
+        """``[D, D]`` matrix ``M`` with ``M @ x`` = the mean over ``positions`` of ``x`` rotated to each (float32;
+        channels past the rotary part pass through)."""
+        eye = torch.eye(head_dim, dtype=torch.float32)
+        pos = positions.reshape(-1, 1).expand(-1, head_dim)  # row i of block p: e_i at position p
+        rows = self.apply(eye.expand(pos.shape[0], head_dim, head_dim), pos).mean(dim=0)  # row i = M e_i
+        return rows.transpose(0, 1)
+
     def invert(self, x: Tensor, positions: Tensor) -> Tensor:
         """Undo :meth:`apply` (float32 out)."""
         return self._turn(x, positions, inverse=True)

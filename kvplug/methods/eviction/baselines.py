@@ -89,3 +89,18 @@ class Knorm(Evictor):
 
     def score(self, layer: LayerKV) -> Tensor:
         return -layer.keys.float().norm(dim=-1)
+
+
+@register("keydiff")
+@dataclass
+class KeyDiff(Evictor):
+    """KeyDiff (Park et al., arXiv 2504.15364): keep the keys least similar (cosine) to the head's mean key
+    direction. One pass over the prompt, as kvpress's KeyDiffPress (the paper's block-wise streaming prefill is
+    that ranking applied per block)."""
+
+    supports_decode = True
+
+    def score(self, layer: LayerKV) -> Tensor:
+        k = layer.keys.float()
+        anchor = torch.nn.functional.normalize(k, dim=-1).mean(dim=2, keepdim=True)
+        return -torch.nn.functional.cosine_similarity(k, anchor, dim=-1)

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 
 from kvplug.errors import ConfigError
-from kvplug.methods.attention import layer_accumulated_attention, layer_window_attention
-from kvplug.methods.base import DecodeState, Evictor, LayerKV
+from kvplug.methods.attention import accumulated_rows, layer_accumulated_attention, layer_window_attention
+from kvplug.methods.base import CompressedLayer, DecodeState, Evictor, LayerKV
 from kvplug.methods.eviction.baselines import last
+from kvplug.methods.eviction.snapkv import pool
 from kvplug.methods.registry import register
 
 
@@ -32,10 +33,14 @@ def _grow(t: Tensor | None, shape: tuple[int, ...], n: int, fill: float | bool =
 class H2O(Evictor):
     """H2O (Zhang et al., NeurIPS'23, arXiv 2306.14048): heavy hitters by accumulated attention plus recent
     tokens; ``recent_ratio`` of the budget is the recent window (the paper's 10% + 10% is 0.5). At prefill the
-    attention of every prompt query is accumulated; ``prefill_queries`` caps it to the last ones (cheaper)."""
+    attention of every prompt query is accumulated; ``prefill_queries`` caps it to the last ones (cheaper).
+    ``normalize`` divides each key's sum by the number of prompt queries that see it (kvpress's
+    ObservedAttentionPress; the paper's plain sum favours early tokens, which more queries see); it changes the
+    prefill choice only, decode steps accumulate as in the paper."""
 
     recent_ratio: float = 0.5
     prefill_queries: int | None = None
+    normalize: bool = False
     supports_decode = True
     decode_needs_queries = True
     running_scores = True
@@ -54,8 +59,27 @@ class H2O(Evictor):
     def recent(self, budget: int) -> int:
         return min(budget, math.floor(budget * self.recent_ratio + 0.5))
 
+    @property
+    def uses_attention_sums(self) -> bool:  # type: ignore[override]
+        return self.prefill_queries is None
+
+    def seen_by(self, layer: LayerKV, positions: Tensor) -> Tensor:
+        """How many of the accumulated prompt queries see each key at ``positions`` (causal)."""
+        n = layer.length
+        rows = accumulated_rows(layer, self.prefill_queries)
+        return (n - positions).clamp(min=1, max=rows).float()
+
     def score(self, layer: LayerKV) -> Tensor:
-        return layer_accumulated_attention(layer, self.prefill_queries).mean(dim=2)
+        s = layer_accumulated_attention(layer, self.prefill_queries).mean(dim=2)
+        if self.normalize:
+            s = s / self.seen_by(layer, torch.arange(layer.length, device=s.device))
+        return s
+
+    def select(self, layer: LayerKV, scores: Tensor, budgets: Tensor) -> CompressedLayer:
+        out = super().select(layer, scores, budgets)
+        if self.normalize and out.scores is not None and out.indices is not None:  # decode seeds are plain sums
+            out.scores = out.scores * self.seen_by(layer, out.indices.clamp_min(0))
+        return out
 
     def protected(self, n: int, budget: int, device: torch.device) -> Tensor:
         return last(n, self.recent(budget), device)
@@ -72,16 +96,19 @@ class H2O(Evictor):
 @dataclass
 class Scissorhands(Evictor):
     """Scissorhands (Liu et al., NeurIPS'23, arXiv 2305.17118): keep the tokens that were important (attention
-    at least the average 1/t) most often over the last ``history_window`` queries; a recent window is kept."""
+    at least the average 1/t) most often over the last ``history_window`` queries; a recent window is kept.
+    The counts are max-pooled over ``kernel_size`` neighbouring positions (1 = off): without it, heads whose
+    attention is spread flat rank a multi-token needle by noise and split it."""
 
     history_window: int = 32
     recent_window: int = 32
+    kernel_size: int = 7
     supports_decode = True
     decode_needs_queries = True
 
     def __post_init__(self) -> None:
-        if self.history_window < 1 or self.recent_window < 0:
-            raise ConfigError("scissorhands: history_window must be >= 1 and recent_window >= 0")
+        if self.history_window < 1 or self.recent_window < 0 or self.kernel_size < 1:
+            raise ConfigError("scissorhands: history_window and kernel_size must be >= 1 and recent_window >= 0")
         super().__post_init__()
 
     def forced_keeps(self) -> tuple[int, str]:
@@ -95,7 +122,7 @@ class Scissorhands(Evictor):
         probs = layer_window_attention(layer, self.history_window).mean(dim=2)  # [B, H, W, N]
         n, w = layer.length, probs.shape[2]
         visible = torch.arange(n - w + 1, n + 1, device=probs.device, dtype=torch.float32).view(1, 1, w, 1)
-        return (probs >= 1.0 / visible).sum(dim=2).float()
+        return pool((probs >= 1.0 / visible).sum(dim=2).float(), self.kernel_size, "max")
 
     def protected(self, n: int, budget: int, device: torch.device) -> Tensor:
         return last(n, min(self.recent_window, budget), device)
@@ -109,4 +136,4 @@ class Scissorhands(Evictor):
             hist = _grow(hist.to(row.device), (b, h, hist.shape[2]), n, False)
             row = torch.cat([hist, row], dim=2)[:, :, -self.history_window :]
         state.history = row
-        return row.sum(dim=2).float()
+        return pool(row.sum(dim=2).float(), self.kernel_size, "max")

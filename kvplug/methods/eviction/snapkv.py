@@ -69,21 +69,41 @@ class SnapKV(Evictor):
 @dataclass
 class PyramidKV(SnapKV):
     """PyramidKV (Cai et al., arXiv 2406.02069): SnapKV scores, layer budgets decreasing linearly with depth
-    (``beta`` sets the top/bottom ratio), total equal to the uniform budget."""
+    (``beta`` sets the top/bottom ratio), total equal to the uniform budget. ``schedule="factory"`` is the
+    official code's (KVCache-Factory: the pyramid splits the budget minus the window, every layer adds the
+    window); ``"kvpress"`` is kvpress 0.5.5's (the window inside each layer's budget; uniform SnapKV whenever the
+    top layer's budget would fall below the window)."""
 
     beta: float = 20.0
+    schedule: str = "factory"
 
     def __post_init__(self) -> None:
         if self.beta < 1:
             raise ConfigError(f"pyramidkv: beta must be >= 1, got {self.beta}")
+        if self.schedule not in ("factory", "kvpress"):
+            raise ConfigError(f"pyramidkv: schedule must be 'factory' or 'kvpress', got {self.schedule!r}")
         super().__post_init__()
+
+    def layer_budgets(self, num_layers: int, n: int) -> list[int]:
+        """Tokens kept per head in each of ``num_layers`` layers for a prompt of ``n``."""
+        if self.schedule == "factory":
+            return [int(b) for b in pyramid_budgets(num_layers, self.budget(n), self.window_size, n, self.beta)]
+        kept = n * (1 - self.compression_ratio) if self.token_budget is None else float(min(n, self.token_budget))
+        w = self.window_size
+        lo = kept / self.beta
+        hi = 2 * kept - lo
+        if hi >= n - w:
+            hi = n - w
+            lo = 2 * kept - hi
+        if not n >= hi >= lo >= w:
+            return [max(1, round(kept))] * num_layers
+        steps = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
+        return [round(hi - i * steps) for i in range(num_layers)]
 
     def head_budgets(self, layers: Sequence[LayerKV], scores: Sequence[Tensor]) -> list[Tensor]:
         n = same_length(self.name, layers)
-        k = self.budget(n)
         if len(layers) == 1:  # a per-layer hook: place it by layer_idx among num_layers
             la = layers[0]
-            b = pyramid_budgets(la.num_layers, k, self.window_size, n, self.beta)[la.layer_idx]
-            return [torch.full((la.heads,), int(b), dtype=torch.long)]
-        per_layer = pyramid_budgets(len(layers), k, self.window_size, n, self.beta)
-        return [torch.full((la.heads,), int(b), dtype=torch.long) for la, b in zip(layers, per_layer, strict=True)]
+            return [torch.full((la.heads,), self.layer_budgets(la.num_layers, n)[la.layer_idx], dtype=torch.long)]
+        per_layer = self.layer_budgets(len(layers), n)
+        return [torch.full((la.heads,), b, dtype=torch.long) for la, b in zip(layers, per_layer, strict=True)]
