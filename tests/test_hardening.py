@@ -126,3 +126,29 @@ def test_save_queue_is_bounded_in_bytes():
     assert w.flush(5) and done == ["a"] and w.pending_bytes == 0
     assert w.submit("c", 900)
     w.close()
+
+
+def test_tenant_caches_are_bounded_and_an_evicted_tenant_comes_back_with_its_keys():
+    """The connector's per-tenant table alone: building a KVPlugConnector needs a running vLLM config, and the table
+    reads only the fields set here (the engine-level tenant tests are in test_vllm_e2e.py)."""
+    import threading
+    from collections import OrderedDict
+
+    pytest.importorskip("vllm")
+    from kvplug.chunks import Namespace
+    from kvplug.integrations.vllm.connector import KVPlugConnector
+
+    conn = KVPlugConnector.__new__(KVPlugConnector)
+    conn.config = KVPlugConfig.load({"max_tenants": 3}, environ={})
+    conn.base_namespace = Namespace(model="m", dtype="bfloat16", num_layers=2, num_kv_heads=1, head_dim=8)
+    conn.store = open_store("memory://")
+    conn.mac_key = None
+    conn._caches, conn._caches_lock = OrderedDict(), threading.Lock()
+    first = {s: conn._cache(s).namespace.digest for s in ("a", "b", "c")}
+    assert len(set(first.values())) == 3  # tenants never share keys
+    conn._cache("a")  # a is now the most recently used
+    for i in range(50):
+        conn._cache(f"t{i}")
+        assert len(conn._caches) <= 3
+    assert list(conn._caches) == ["t47", "t48", "t49"]
+    assert conn._cache("a").namespace.digest == first["a"]  # rebuilt after eviction: same keys, so its entries still hit

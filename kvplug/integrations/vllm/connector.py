@@ -403,6 +403,10 @@ class KVPlugConnector(KVConnectorBase_V1, SupportsHMA):
                     refuse("chunked")
                     log.warning("kvplug: request %s is prefilled in several steps: no blending", new.req_id)
             self._plan_save(meta, st, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
+        if meta.blends:
+            from kvplug.integrations.vllm._compat import start_loads_before_forward
+
+            start_loads_before_forward(scheduler_output)  # the blend plans must be active when the forward runs
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             st = self._reqs.get(req_id)
@@ -494,9 +498,11 @@ class KVPlugConnector(KVConnectorBase_V1, SupportsHMA):
 
     @never_raises("connector_output")
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
-        """A request whose load failed as a whole (hybrid models) is recomputed from scratch and looked up again:
-        it must not be offered the same load (that would loop)."""
-        for rid in connector_output.failed_recving or ():
+        """An async load is used once. vLLM asks for external tokens again only when a load left the request with
+        nothing computed (it failed at its first block, or as a whole on hybrid models): the request is recomputed
+        and must not be offered the same load again (that would loop forever on a lasting failure)."""
+        done = set(connector_output.failed_recving or ()) | set(connector_output.finished_recving or ())
+        for rid in done:
             st = self._reqs.get(rid)
             if st is not None:
                 st.load_end = st.load_start = 0
