@@ -52,7 +52,14 @@ def case(tmp_path_factory):
     )
     assert metric(warm, "kvplug_blend_segments_total", result="miss") == 2
     base = engine({"model": model, "prompts": [prompt], "connector": False, "max_tokens": 8})
-    return {"model": model, "prompt": prompt, "segments": segments, "store": store, "base": base, "docs": (doc_a, doc_b)}
+    return {
+        "model": model,
+        "prompt": prompt,
+        "segments": segments,
+        "store": store,
+        "base": base,
+        "docs": (doc_a, doc_b),
+    }
 
 
 def blend_run(case, blend, **kw):

@@ -214,6 +214,15 @@ def require_tested(feature: str) -> None:
         )
 
 
+def start_loads_before_forward(scheduler_output: Any) -> None:
+    """Make the worker call ``start_load_kv`` before this step's forward. vLLM 0.32 starts a step's loads after the
+    forward unless the step has synchronous loads (``SchedulerOutput.has_sync_kv_loads``, set the same way by
+    vLLM's own HiSparse connector); blend steps load nothing through vLLM yet need their plans in place first."""
+    if not hasattr(scheduler_output, "has_sync_kv_loads"):
+        return  # older vLLM: loads always start before the forward
+    scheduler_output.has_sync_kv_loads = True
+
+
 def record_batch_order() -> None:
     """Also remember the request order of the last batch whose attention metadata was built (the forward that
     follows runs that batch): the blend step maps its plans to batch rows with it. Idempotent."""
@@ -341,3 +350,73 @@ def register_model_class(architecture: str, class_path: str) -> bool:
         return False
     ModelRegistry.register_model(architecture, class_path)
     return True
+
+
+# ---- cache-aware scheduler ----
+# Private vLLM internals used by kvplug.integrations.vllm.scheduler (verified with vLLM 0.32.0; vLLM itself calls
+# its scheduler interface "not public"): the Scheduler/AsyncScheduler base classes and the RequestQueue ABC, the
+# ``waiting`` queue attribute the subclass replaces right after ``Scheduler.__init__``, the request status that
+# marks a preempted request, and the KV cache manager's coordinator lookup used to count prefix-cache hits without
+# side effects (``KVCacheManager.get_computed_blocks`` may emit KV events; the coordinator's
+# ``find_longest_cache_hit`` only reads the block pool's hash map).
+
+
+def scheduler_bases() -> tuple[type, type, type]:
+    """(``Scheduler``, ``AsyncScheduler``, ``RequestQueue``) of the installed vLLM; a clear error when missing."""
+    try:
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+        from vllm.v1.core.sched.request_queue import RequestQueue
+        from vllm.v1.core.sched.scheduler import Scheduler
+    except ImportError as e:
+        from kvplug.errors import ConfigError
+
+        raise ConfigError(
+            f"kvplug's cache-aware scheduler needs vLLM's v1 scheduler (tested with vLLM {', '.join(TESTED_VLLM)}); "
+            f"found vLLM {vllm_version()} without it: {e}"
+        ) from e
+    return Scheduler, AsyncScheduler, RequestQueue
+
+
+def install_waiting_queue(scheduler: Any, queue: Any) -> None:
+    """Make ``queue`` the scheduler's queue of new and preempted requests (``Scheduler.waiting``). Called right after
+    ``Scheduler.__init__``, while that queue is still empty; the scheduler only calls the ``RequestQueue`` methods
+    on it (add, peek, pop, prepend, remove, len, iter)."""
+    from kvplug.errors import ConfigError
+
+    _, _, request_queue = scheduler_bases()
+    current = getattr(scheduler, "waiting", None)
+    coordinator = getattr(getattr(scheduler, "kv_cache_manager", None), "coordinator", None)
+    if not isinstance(current, request_queue) or not hasattr(coordinator, "find_longest_cache_hit"):
+        raise ConfigError(
+            f"kvplug's cache-aware scheduler does not recognise this vLLM's scheduler (vLLM {vllm_version()}; "
+            f"tested with {', '.join(TESTED_VLLM)}): no RequestQueue 'waiting' or no KV cache coordinator lookup"
+        )
+    if len(current):
+        raise ConfigError("kvplug: the waiting queue can only be replaced while it is empty")
+    scheduler.waiting = queue
+
+
+def local_prefix_hit_tokens(kv_cache_manager: Any, request: Any) -> int:
+    """Prompt tokens of ``request`` that vLLM's prefix cache holds now (whole blocks, at most all but the last
+    token), read without side effects: the lookup ``KVCacheManager.get_computed_blocks`` makes, minus its KV events
+    and block list. 0 when prefix caching is off or the request skips the cache (e.g. prompt logprobs)."""
+    if not kv_cache_manager.prefix_cache_lookup_enabled(request):
+        return 0
+    _, num_tokens, _ = kv_cache_manager.coordinator.find_longest_cache_hit(
+        request.block_hashes, request.num_tokens - 1
+    )
+    return int(num_tokens)
+
+
+def is_preempted(request: Any) -> bool:
+    """Whether a waiting request was preempted (it ran before: vLLM resumes these first)."""
+    from vllm.v1.request import RequestStatus
+
+    return bool(request.status == RequestStatus.PREEMPTED)
+
+
+def uses_priority_policy(scheduler: Any) -> bool:
+    """Whether the engine schedules by request priority (``--scheduling-policy priority``)."""
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+
+    return bool(getattr(scheduler, "policy", None) == SchedulingPolicy.PRIORITY)

@@ -66,7 +66,11 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         seed=0,
         num_gpu_blocks_override=spec.get("num_blocks"),
         additional_config=spec.get("additional_config") or {},  # e.g. {"kvplug_sparse": {...}}
+        **_engine_options(spec),
     )
+    for prompt in spec.get("warm_prompts", []):  # run (and saved) one at a time before the measured prompts
+        llm.generate({"prompt_token_ids": prompt}, SamplingParams(max_tokens=1, temperature=0), use_tqdm=False)
+        _flush(llm)
     outs = []
     params = spec.get("params") or [None] * len(spec["prompts"])
     sps = [
@@ -89,12 +93,45 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     metrics = {}
     for fam in REGISTRY.collect():
         if fam.name.startswith(
-            ("kvplug_connector", "kvplug_payload", "kvplug_store", *spec.get("metric_prefixes", ()))
+            ("kvplug_connector", "kvplug_payload", "kvplug_store", "kvplug_blend", *spec.get("metric_prefixes", ()))
         ):
             for s in fam.samples:
                 if s.name.endswith(("_total", "_count", "_sum")):
                     metrics[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
-    return {"outputs": outs, "metrics": metrics}
+    report: dict[str, Any] = {"outputs": outs, "metrics": metrics}
+    stats = _scheduler_stats(llm)
+    if stats is not None:
+        report["scheduler"] = stats
+    return report
+
+
+def _engine_options(spec: dict[str, Any]) -> dict[str, Any]:
+    """Optional LLM(...) arguments: ``scheduler_cls`` (e.g. kvplug's cache-aware scheduler), ``max_num_seqs``, and
+    ``log_stats`` (per-request first-scheduled time and preemptions in the report)."""
+    opts: dict[str, Any] = {}
+    if spec.get("scheduler_cls"):
+        opts["scheduler_cls"] = spec["scheduler_cls"]
+    if spec.get("max_num_seqs"):
+        opts["max_num_seqs"] = spec["max_num_seqs"]
+    if spec.get("log_stats"):
+        opts["disable_log_stats"] = False
+    return opts
+
+
+def _scheduler_stats(llm: Any) -> dict[str, Any] | None:
+    """The in-process engine's kvplug scheduler statistics (``kvplug_stats``), or None for vLLM's own scheduler."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    stats = getattr(getattr(core, "scheduler", None), "kvplug_stats", None)
+    if stats is None:
+        return None
+    return {
+        "class": type(core.scheduler).__name__,
+        "admitted": stats.admitted,
+        "ahead": stats.ahead,
+        "late": stats.late,
+        "max_wait_s": stats.max_wait_s,
+        "order": list(stats.order),
+    }
 
 
 def inject_fault(target: str) -> None:
@@ -113,7 +150,13 @@ def inject_fault(target: str) -> None:
 
 
 def _out(o: Any, seconds: float) -> dict[str, Any]:
-    return {"token_ids": list(o.outputs[0].token_ids), "num_cached_tokens": o.num_cached_tokens, "seconds": seconds}
+    out = {"token_ids": list(o.outputs[0].token_ids), "num_cached_tokens": o.num_cached_tokens, "seconds": seconds}
+    stats = getattr(o, "metrics", None)  # with log_stats: vLLM's RequestStateStats (engine-core clock)
+    if stats is not None and hasattr(stats, "scheduled_ts"):
+        out["request_id"] = o.request_id
+        out["scheduled_ts"] = stats.scheduled_ts
+        out["num_preemptions"] = stats.num_preemptions
+    return out
 
 
 def _flush(llm: Any) -> None:
