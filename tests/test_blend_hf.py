@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+pytest.importorskip("transformers")
 from transformers import DynamicCache, GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
 
 from kvplug.chunks import Namespace

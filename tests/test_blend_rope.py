@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+pytest.importorskip("transformers")
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from kvplug.errors import ConfigError

@@ -177,36 +177,79 @@ def test_press_restores_the_model(lm, prompt):
     assert model.config._attn_implementation == before
 
 
-def test_harness_smoke_run_resumes_and_reports(lm, tmp_path):
+def test_shared_work_gives_the_same_choice_as_a_press_of_its_own(lm, prompt):
+    """compressed_copy shares H2O's attention sums and KVzip's replays across methods on one prefill; the kept
+    tokens must equal those of a press running the method alone (and the replay must leave the prefill intact)."""
+    model, tok = lm
+    ctx, _ = prompt
+    shared = KVPress(model, None, prefill=False, capture_all=True, tokenizer=tok)
+    with shared, torch.no_grad():
+        model(ctx, past_key_values=shared.new_cache())
+        source = shared.prefilled[0]
+        before = [la.keys.clone() for la in source.layers]
+        copies = {}
+        for spec in ("h2o", "h2o?normalize=true", "kvzip", "kvzip?chunk_size=64"):
+            name, _, q = spec.partition("?")
+            params = dict(kv.split("=") for kv in q.split("&")) if q else {}
+            method = methods.get(name, compression_ratio=0.5, **params)
+            copies[spec] = shared.compressed_copy(method, dtype=torch.float32)[1]
+            assert shared.last_shared_s > 0
+    assert all(torch.equal(b, la.keys) for b, la in zip(before, source.layers, strict=True))
+    assert all(la.held == ctx.shape[1] for la in source.layers), "the replay was not undone"
+    for spec in copies:
+        name, _, q = spec.partition("?")
+        params = dict(kv.split("=") for kv in q.split("&")) if q else {}
+        alone = KVPress(model, methods.get(name, compression_ratio=0.5, **params), tokenizer=tok)
+        with alone, torch.no_grad():
+            model(ctx, past_key_values=alone.new_cache())
+        for a, b in zip(copies[spec], alone.last_compressed, strict=True):
+            assert torch.equal(a.indices, b.indices), spec
+    assert not torch.equal(copies["kvzip"][5].indices, copies["kvzip?chunk_size=64"][5].indices)
+    with pytest.raises(ValueError, match="tokenizer"):
+        KVPress(model, methods.get("kvzip", compression_ratio=0.5))
+
+
+def test_harness_smoke_run_calibrates_resumes_and_reports(lm, tmp_path):
+    """The CI-size suite: the full cache passes every task of it (task calibration); an interrupted run resumes
+    without redoing or duplicating rows; the report carries intervals."""
     from kvplug.eval.harness import Results, RunConfig, Suite, evaluate
     from kvplug.eval.report import write_report
 
     model, tok = lm
     cfg = RunConfig("smollm2", ["streamingllm", "snapkv", "int8"], [0.5], Suite.smoke())
     path = tmp_path / "r.jsonl"
-    calls: list[int] = []
-    evaluate(model, tok, cfg, Results(path), progress=lambda n=1: calls.append(n))
+    seen: list[int] = []
+
+    def interrupt(n=1):
+        seen.append(n)
+        if len(seen) == 6:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(model, tok, cfg, Results(path), progress=interrupt)
+    partial = len(path.read_text().splitlines())
+    assert 0 < partial < 16
+    evaluate(model, tok, cfg, Results(path))
     rows = [json.loads(x) for x in path.read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"full", "streamingllm", "snapkv", "int8"}
-    full = {r["sid"]: r for r in rows if r["method"] == "full"}
-    assert all(r["kv_fraction"] == pytest.approx(1.0) for r in full.values())
-    needle = next(r for r in full.values() if r["task"] == "needle")
-    assert needle["exact"], "SmolLM2 with its full KV must find a 384-token needle"
+    assert len(rows) == 16 and len({(r["task"], r["sid"], r["method"], r["ratio"]) for r in rows}) == 16  # 4 x 4
+    full = {r["task"]: r for r in rows if r["method"] == "full"}
+    for task in ("needle", "multikey", "qa"):
+        assert full[task]["exact"], f"SmolLM2 with its full KV must pass the smoke {task}"
+    assert full["ppl"]["answer_tokens"] == 32 and all(r["kv_fraction"] == pytest.approx(1.0) for r in full.values())
+    needle = full["needle"]
+    assert needle["answer_tokens"] == 5, "five digits scored; the leading space is part of the prompt"
     int8 = [r for r in rows if r["method"] == "int8"]
     assert all(0.45 < r["kv_fraction"] < 0.6 for r in int8)
     evicted = [r for r in rows if r["ratio"] == 0.5]
     assert all(0.45 < r["kv_fraction"] < 0.56 for r in evicted)
-    # resume: nothing left to do, nothing appended
-    n = len(rows)
-    evaluate(model, tok, cfg, Results(path))
-    assert len(path.read_text().splitlines()) == n
+    evaluate(model, tok, cfg, Results(path))  # nothing left to do, nothing appended
+    assert len(path.read_text().splitlines()) == 16
     report = write_report(Results(path).rows, "smollm2", tmp_path / "out", [0.5])
     text = report.read_text()
-    assert (
-        "| full |" in text
-        and "streamingllm" in text
-        and (tmp_path / "out" / "methods-smollm2.png").stat().st_size > 10_000
-    )
+    assert "| 1 | full |" in text and "## Calibration" in text and "passes" in text
+    assert (tmp_path / "out" / "methods-smollm2.png").stat().st_size > 10_000
+    head = (tmp_path / "out" / "methods-smollm2.csv").read_text().splitlines()[0]
+    assert head.startswith("model,method,ratio,task,context,n,accuracy,ci_low,ci_high,logprob,logprob_ci,kv_kept")
 
 
 @pytest.fixture(scope="module")

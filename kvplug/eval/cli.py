@@ -1,4 +1,4 @@
-"""``kvplug eval run`` (resumable, with a progress bar) and ``kvplug eval report`` (table + plot)."""
+"""``kvplug eval run`` (resumable, with a progress bar) and ``kvplug eval report`` (tables + plot with CIs)."""
 
 from __future__ import annotations
 
@@ -29,14 +29,18 @@ def run(
     ),
     ratios: Annotated[str, typer.Option(help="compression ratios (fraction removed)")] = ",".join(map(str, RATIOS)),
     tasks: Annotated[str, typer.Option(help="needle,multikey,multivalue,qa,ppl")] = "needle,multikey,multivalue,qa,ppl",
+    lengths: Annotated[str, typer.Option(help="context lengths in tokens (full suite)")] = "1024,2048,4096",
+    samples: Annotated[int, typer.Option(help="samples per (task, length) (full suite)")] = 100,
+    ppl_samples: Annotated[int, typer.Option(help="ppl windows per length (full suite)")] = 25,
     results: Annotated[Path, typer.Option(help="JSONL file; rows already there are skipped (resume)")] = Path(
         "bench-results/methods.jsonl"
     ),
     query_aware: Annotated[
         bool, typer.Option("--query-aware/--query-agnostic", help="compress the question with the context or not")
     ] = True,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default)")] = 0,
 ) -> None:
-    """Run the harness; rows are appended to ``--results`` as they finish."""
+    """Run the harness; rows are appended to ``--results`` as they finish (rerun the same command to resume)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -50,9 +54,14 @@ def run(
         parse_method(spec, ratio_list[0] if ratio_list else 0.5)
     if suite not in ("smoke", "full"):
         raise typer.BadParameter(f"suite must be full or smoke, got {suite!r}")
-    base = Suite.smoke() if suite == "smoke" else Suite()
+    if samples < 1:
+        raise typer.BadParameter(f"samples must be >= 1, got {samples}")
+    lens = tuple(int(x) for x in _split(lengths))
+    base = Suite.smoke() if suite == "smoke" else Suite(lengths=lens, samples=samples, ppl_samples=ppl_samples)
     chosen = replace(base, tasks=tuple(_split(tasks)), question_in_context=query_aware)
     cfg = RunConfig(model, specs, ratio_list, chosen)
+    if threads:
+        torch.set_num_threads(threads)
     path = model_dir(model)
     tok = AutoTokenizer.from_pretrained(path)
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -75,12 +84,15 @@ def run(
 def report(
     model: Annotated[str, typer.Option()] = "smollm2",
     results: Annotated[Path, typer.Option()] = Path("bench-results/methods.jsonl"),
-    out: Annotated[Path, typer.Option(help="directory for methods-<model>.md/.csv/.png")] = Path("docs/results"),
+    out: Annotated[Path, typer.Option(help="directory for <stem>.md/.csv/.png")] = Path("docs/results"),
     ratios: Annotated[str, typer.Option()] = ",".join(map(str, RATIOS)),
+    headline: Annotated[float, typer.Option(help="the ratio the ranking is made at")] = 0.5,
+    stem: Annotated[str, typer.Option(help="file name stem (default methods-<model>)")] = "",
+    command: Annotated[list[str] | None, typer.Option(help="a command that made the rows (repeatable)")] = None,
 ) -> None:
-    """Write the Markdown/CSV table and the quality-vs-compression plot."""
+    """Write the Markdown/CSV tables (intervals, calibration, ranking) and the plot."""
     from kvplug.eval.report import write_report
 
     res = Results(results)
-    path = write_report(res.rows, model, out, [float(r) for r in _split(ratios)])
+    path = write_report(res.rows, model, out, [float(r) for r in _split(ratios)], headline, stem or None, command or ())
     console.print(f"wrote {path}")

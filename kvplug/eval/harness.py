@@ -1,21 +1,27 @@
-"""The evaluation harness: methods x compression ratios x tasks on a real model, resumable, one table.
+"""The evaluation harness: methods x compression ratios x tasks x context lengths on a real model, resumable.
 
-For each sample the context is prefilled once (all queries captured); every method then compresses a copy of
-that cache (:meth:`KVPress.compressed_copy`, KV in bfloat16 as an engine stores it), and the question + answer
-run on top, teacher-forced. Per (method, ratio, task) the harness records mean answer log-prob, exact match (%)
-and, for ``ppl``, perplexity; KV bytes per token (what the method's output would occupy stored, full-attention
-layers plus untouched sliding layers) and the extra prefill time (compression time over the prefill time of
-the same sample, same run). Rows go to a JSONL file as they finish, so an interrupted run resumes where it was.
+For each sample the context is prefilled once (every query captured); every method then compresses a copy of
+that cache (:meth:`KVPress.compressed_copy`, KV in bfloat16 as an engine stores it), and the rest of the prompt
+and the answer run on top, teacher-forced. Methods that share work on one prefill share it (H2O's attention sums,
+KVzip's context reconstruction) and each is charged its full cost. Per row: exact match and token accuracy over
+the answer's content tokens (:mod:`kvplug.eval.tasks`), their mean log-prob, KV bytes kept, and the extra
+prefill time (compression time over the prefill time of the same sample, same run). Rows go to a JSONL file as
+they finish, so an interrupted run resumes where it was, and runs with other lengths, sample counts or ratios
+append to the same file.
+
+Two settings (``Suite.question_in_context``): True compresses context + question and runs only the prompt's last
+token on the compressed cache (the papers' setting: an observation window holds the question); False compresses
+the context alone and asks afterwards (kvpress's query-agnostic setting). Both see the same tokens.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import logging
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +29,11 @@ import torch
 
 from kvplug import methods
 from kvplug.eval import tasks as T
+from kvplug.eval.stats import wilson
+from kvplug.eval.summary import PASS
 from kvplug.methods.base import KVMethod
+
+log = logging.getLogger(__name__)
 
 RATIOS = (0.25, 0.5, 0.75, 0.875)
 #: Methods with no compression ratio (quantizers, ThinK's channel pruning, MiniCache's merge) run once each.
@@ -31,12 +41,17 @@ RATIO_FREE = ("kivi", "kvquant", "int8", "fp8", "think", "minicache")
 DEFAULT_METHODS = (
     "streamingllm",
     "h2o",
+    "h2o?normalize=true",
     "snapkv",
+    "snapkv?window_size=64&kernel_size=5&pooling=avg",
     "pyramidkv",
     "tova",
     "scissorhands",
     "cake",
     "knorm",
+    "keydiff",
+    "expectedattention",
+    "kvzip",
     "random",
     "recent",
     "razorattention",
@@ -49,52 +64,93 @@ DEFAULT_METHODS = (
     "fp8",
     "snapkv+kivi",
 )
+#: Version of the task generators and scoring: rows of another version are never mixed with these.
+TASKS_VERSION = 2
 
 
 @dataclass(frozen=True)
 class Suite:
-    """Which samples to run; ``smoke`` is the CI size."""
+    """Which samples to run: ``samples`` per (task, length); ``smoke`` is the CI size."""
 
-    needle_lengths: tuple[int, ...] = (1024,)
-    depths: tuple[float, ...] = (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 0.95)
-    multikey: int = 4
-    multivalue: int = 4
-    qa: int = 8
-    ppl: int = 3
-    ppl_context: int = 1024
-    ppl_target: int = 256
+    lengths: tuple[int, ...] = (1024, 2048, 4096)
+    samples: int = 100
     tasks: tuple[str, ...] = T.TASKS
-    #: True: the question is part of the compressed prompt (the papers' setting: SnapKV's observation window
-    #: holds the question); False: compress the context alone, then ask (kvpress's query-agnostic setting).
+    ppl_target: int = 128
+    ppl_samples: int = 25  # ppl windows per length (each scores ppl_target tokens: fewer samples suffice)
+    #: True: the question is part of the compressed prompt (the papers' setting); False: compress the context
+    #: alone, then ask (kvpress's query-agnostic setting).
     question_in_context: bool = True
 
     @classmethod
     def smoke(cls) -> Suite:
-        return cls(
-            needle_lengths=(384,), depths=(0.5,), multikey=1, multivalue=0, qa=1, ppl=1, ppl_context=256, ppl_target=64
-        )
+        return cls(lengths=(384,), samples=1, tasks=("needle", "multikey", "qa", "ppl"), ppl_target=32, ppl_samples=1)
 
 
 def build_samples(tok: Any, suite: Suite) -> list[T.Sample]:
+    """Samples in run order: index-major (sample 0 of every (task, length), then sample 1, ...), so an interrupted
+    run leaves every cell with about the same count. Sample ``i`` of a (task, length) does not depend on
+    ``suite.samples``, so a larger run extends a smaller one."""
+
     def enc(s: str) -> list[int]:
         return tok(s, add_special_tokens=False).input_ids
 
     def dec(ids: list[int]) -> str:
         return tok.decode(ids)
 
-    out: list[T.Sample] = []
-    for length in suite.needle_lengths:
-        if "needle" in suite.tasks:
-            out += T.needle(enc, length, list(suite.depths))
-        if "multikey" in suite.tasks and suite.multikey:
-            out += T.multikey(enc, length, suite.multikey)
-        if "multivalue" in suite.tasks and suite.multivalue:
-            out += T.multivalue(enc, length, suite.multivalue)
-    if "qa" in suite.tasks and suite.qa:
-        out += T.qa(suite.qa)
-    if "ppl" in suite.tasks and suite.ppl:
-        out += T.ppl(enc, dec, suite.ppl_context, suite.ppl_target, suite.ppl)
-    return out
+    unknown = set(suite.tasks) - set(T.TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)}; tasks are {', '.join(T.TASKS)}")
+    cells: list[list[T.Sample]] = []
+    n = suite.samples
+    for length in suite.lengths:
+        for task in T.TASKS:
+            if task not in suite.tasks:
+                continue
+            if task == "needle":
+                cells.append(T.needle(enc, length, n))
+            elif task == "multikey":
+                cells.append(T.multikey(enc, length, n))
+            elif task == "multivalue":
+                cells.append(T.multivalue(enc, length, n))
+            elif task == "qa":
+                cells.append(T.qa(enc, length, n))
+            elif suite.ppl_samples:
+                cells.append(T.ppl(enc, dec, length, suite.ppl_target, suite.ppl_samples))
+    return [c[i] for i in range(max(map(len, cells), default=0)) for c in cells if i < len(c)]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A sample as tokens: ``context`` is compressed, ``prompt`` then runs on the compressed cache (at least one
+    token), ``answer`` follows teacher-forced; ``scored[i]`` says whether answer token ``i`` is scored."""
+
+    context: list[int]
+    prompt: list[int]
+    answer: list[int]
+    scored: list[bool]
+
+
+def encode(tok: Any, s: T.Sample, question_in_context: bool) -> Encoded:
+    """Tokenize a sample. The context on its own (with the model's special tokens), then question + answer in one
+    piece, split where the answer's content starts (offsets): a leading space the tokenizer splits off joins the
+    question. Content tokens (a letter or digit in them) are scored; all of a ``ppl`` target is."""
+    ctx = tok(s.context).input_ids
+    if s.task == "ppl":
+        ans = tok(s.answer, add_special_tokens=False).input_ids
+        return Encoded(ctx[:-1], ctx[-1:], ans, [True] * len(ans))
+    text = s.question + s.answer
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, spans = enc.input_ids, enc.offset_mapping
+    start = len(s.question) + len(s.answer) - len(s.answer.lstrip())
+    a0 = next((i for i, (_, e) in enumerate(spans) if e > start), None)
+    if a0 is None or a0 == 0:
+        raise ValueError(f"{s.task} {s.sid}: cannot split question and answer tokens")
+    scored = [any(ch.isalnum() for ch in text[max(b, start) : e]) for b, e in spans[a0:]]
+    q, a = ids[:a0], ids[a0:]
+    if question_in_context:
+        full = ctx + q
+        return Encoded(full[:-1], full[-1:], a, scored)
+    return Encoded(ctx, q, a, scored)
 
 
 def parse_method(spec: str, ratio: float | None) -> KVMethod | None:
@@ -134,6 +190,8 @@ def plan(method_specs: Sequence[str], ratios: Sequence[float]) -> list[tuple[str
     """(method spec, ratio) pairs: ratio-free methods once (ratio None), the rest at every ratio; ``full`` first."""
     out: list[tuple[str, float | None]] = [("full", None)]
     for m in method_specs:
+        if m == "full":
+            continue
         if is_ratio_free(m):
             out.append((m, None))
         else:
@@ -158,7 +216,7 @@ class Results:
 
     @staticmethod
     def key(r: dict[str, Any]) -> tuple:
-        return (r["model"], r.get("setting", DEFAULT_SETTING), r["task"], r["sid"], r["method"], r["ratio"])
+        return (r["model"], r.get("setting"), r["task"], r["sid"], r["method"], r["ratio"])
 
     def done(self, **k: Any) -> bool:
         return self.key(k) in self._keys
@@ -172,26 +230,35 @@ class Results:
                 if f.read(1) != b"\n":
                     f.write(b"\n")
             f.write(json.dumps(row).encode() + b"\n")
+            f.flush()
         self.rows.append(row)
         self._keys.add(self.key(row))
 
 
+@dataclass(frozen=True)
+class Score:
+    logprob: float  # mean log-prob of the scored tokens
+    exact: bool  # every scored token is the greedy choice
+    correct: int  # scored tokens that are
+    scored: int
+    nll: float  # sum of the scored tokens' negative log-probs
+
+
 @torch.no_grad()
-def score_answer(model: Any, cache: Any, n_ctx: int, q_ids: list[int], a_ids: list[int]) -> tuple[float, bool, float]:
-    """(mean answer log-prob, exact match, answer NLL sum) with the question and answer teacher-forced."""
-    ids = torch.tensor([q_ids + a_ids])
+def score_answer(model: Any, cache: Any, n_ctx: int, e: Encoded) -> Score:
+    """Run ``e.prompt + e.answer`` on ``cache`` (positions continue from ``n_ctx``), teacher-forced."""
+    if not e.prompt:
+        raise ValueError("score_answer needs at least one prompt token")
+    ids = torch.tensor([e.prompt + e.answer])
     pos = torch.arange(n_ctx, n_ctx + ids.shape[1]).unsqueeze(0)
     logits = model(ids, past_key_values=cache, position_ids=pos).logits[0].float()
-    # logits at position t predict token t+1; the answer starts after the question (ppl: one context token)
-    if not q_ids:
-        raise ValueError("score_answer needs at least one question token")
-    start = len(q_ids) - 1
-    pred = logits[start : start + len(a_ids)]
-    lp = torch.log_softmax(pred, -1)
-    target = torch.tensor(a_ids)
-    tok_lp = lp.gather(1, target.view(-1, 1)).squeeze(1)
-    exact = bool((pred.argmax(-1) == target).all())
-    return float(tok_lp.mean()), exact, float(-tok_lp.sum())
+    start = len(e.prompt) - 1  # logits at t predict token t + 1
+    pred = logits[start : start + len(e.answer)]
+    target = torch.tensor(e.answer)
+    keep = torch.tensor(e.scored, dtype=torch.bool)
+    lp = torch.log_softmax(pred, -1).gather(1, target.view(-1, 1)).squeeze(1)[keep]
+    hit = (pred.argmax(-1) == target)[keep]
+    return Score(float(lp.mean()), bool(hit.all()), int(hit.sum()), int(keep.sum()), float(-lp.sum()))
 
 
 @dataclass
@@ -201,20 +268,29 @@ class RunConfig:
     ratios: Sequence[float] = RATIOS
     suite: Suite = Suite()
     kv_dtype: torch.dtype = torch.bfloat16
+    #: Stop running methods on a (task, length) cell once the full cache confidently fails it (Wilson upper bound
+    #: of its exact match below the pass mark after at least 10 samples): such cells are never ranked. The full
+    #: cache itself still runs every sample (the calibration table reports it).
+    skip_failing: bool = True
 
     @property
     def setting(self) -> str:
-        """What makes rows comparable: the suite and the KV dtype (part of the resume key and of each row)."""
+        """What makes rows comparable (part of the resume key and of each row): the task version, the setting,
+        the ppl target and the KV dtype; lengths and sample counts are per row."""
         return setting_of(self.suite, self.kv_dtype)
 
 
 def setting_of(suite: Suite, kv_dtype: torch.dtype) -> str:
-    body = json.dumps({**asdict(suite), "kv_dtype": str(kv_dtype)}, sort_keys=True)
+    body = json.dumps(
+        {
+            "tasks_version": TASKS_VERSION,
+            "question_in_context": suite.question_in_context,
+            "ppl_target": suite.ppl_target,
+            "kv_dtype": str(kv_dtype),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(body.encode()).hexdigest()[:12]
-
-
-#: Rows written before settings were recorded ran the default suite with bfloat16 KV.
-DEFAULT_SETTING = setting_of(Suite(), torch.bfloat16)
 
 
 @torch.no_grad()
@@ -230,68 +306,77 @@ def evaluate(
 
     samples = build_samples(tok, cfg.suite)
     pairs = plan(cfg.method_specs, cfg.ratios)
+    built = {(m, r): parse_method(m, r) for m, r in pairs}  # fail on a bad spec before any work
+    warm: set[tuple[str, float | None]] = set()
+    full: dict[tuple[str, int], list[bool]] = {}  # (task, length) -> the full cache's exact matches so far
+    for r in results.rows:
+        if r["model"] == cfg.model_name and r.get("setting") == cfg.setting and r["method"] == "full":
+            full.setdefault((r["task"], r["length"]), []).append(bool(r["exact"]))
     for s in samples:
-        todo = [
-            (m, r)
-            for m, r in pairs
-            if not results.done(model=cfg.model_name, setting=cfg.setting, task=s.task, sid=s.sid, method=m, ratio=r)
-        ]
-        if not todo:
-            if progress:
-                progress(len(pairs))
-            continue
+        key = {"model": cfg.model_name, "setting": cfg.setting, "task": s.task, "sid": s.sid}
+        todo = [(m, r) for m, r in pairs if not results.done(**key, method=m, ratio=r)]
+        if cfg.skip_failing and s.task != "ppl" and _confidently_failing(full.get((s.task, s.length), [])):
+            todo = [(m, r) for m, r in todo if m == "full"]
         if progress:
             progress(len(pairs) - len(todo))
-        a_ids = tok(s.answer, add_special_tokens=False).input_ids
-        if s.task == "ppl" or cfg.suite.question_in_context:
-            # the whole prompt is compressed; its last token then runs on the compressed cache
-            prompt = tok(s.context + s.question).input_ids
-            ctx_ids, q_ids = prompt[:-1], prompt[-1:]
-        else:
-            ctx_ids = tok(s.context).input_ids
-            q_ids = tok(s.question, add_special_tokens=False).input_ids
-        n = len(ctx_ids)
-        press = KVPress(model, None, prefill=False, capture_all=True)
+        if not todo:
+            continue
+        e = encode(tok, s, cfg.suite.question_in_context)
+        n = len(e.context)
+        press = KVPress(model, None, prefill=False, capture_all=True, tokenizer=tok)
         with press:
-            cache0 = press.new_cache()
             t0 = time.perf_counter()
-            model(torch.tensor([ctx_ids]), past_key_values=cache0)
+            model(torch.tensor([e.context]), past_key_values=press.new_cache())
             prefill_s = time.perf_counter() - t0
-            full_bytes = None
+            full_bytes = _full_bytes(press, cfg.kv_dtype)
             for m, r in todo:
-                method = parse_method(m, r)
-                if s is samples[0]:  # the first call of a method pays one-off costs; time the steady state
-                    press.compressed_copy(method, dtype=cfg.kv_dtype)
-                t1 = time.perf_counter()
-                cache, out = press.compressed_copy(method, dtype=cfg.kv_dtype)
-                compress_s = time.perf_counter() - t1
-                kv = sum(c.nbytes for c in out) + _sliding_bytes(cache, press.full_layers, cfg.kv_dtype)
-                mean_lp, exact, nll = score_answer(model, cache, n, q_ids, a_ids)
-                if full_bytes is None:
-                    full_bytes = _full_bytes(press, cfg.kv_dtype)
+                method = built[(m, r)]
+                try:
+                    if (m, r) not in warm:  # the first call of a method pays one-off costs; time the steady state
+                        press.compressed_copy(method, dtype=cfg.kv_dtype)
+                        warm.add((m, r))
+                    t1 = time.perf_counter()
+                    cache, out = press.compressed_copy(method, dtype=cfg.kv_dtype)
+                    compress_s = time.perf_counter() - t1 - press.last_shared_fresh_s + press.last_shared_s
+                    kv = sum(c.nbytes for c in out) + _sliding_bytes(cache, press.full_layers, cfg.kv_dtype)
+                    t2 = time.perf_counter()
+                    sc = score_answer(model, cache, n, e)
+                except Exception as exc:  # one broken method must not stop a sweep: no row, so a rerun retries
+                    if m == "full":
+                        raise
+                    log.error("%s at %s on %s %s failed: %s: %s", m, r, s.task, s.sid, type(exc).__name__, exc)
+                    if progress:
+                        progress(1)
+                    continue
+                if m == "full":
+                    full.setdefault((s.task, s.length), []).append(sc.exact)
                 results.add(
                     {
-                        "model": cfg.model_name,
-                        "setting": cfg.setting,
-                        "task": s.task,
-                        "sid": s.sid,
+                        **key,
+                        "length": s.length,
                         "method": m,
                         "ratio": r,
                         "spec": method.spec if method is not None else "full",
                         "tokens": n,
-                        "logprob": mean_lp,
-                        "exact": exact,
-                        "nll": nll,
-                        "answer_tokens": len(a_ids),
+                        "logprob": sc.logprob,
+                        "exact": sc.exact,
+                        "correct": sc.correct,
+                        "answer_tokens": sc.scored,
+                        "nll": sc.nll,
                         "kv_bytes_per_token": kv / n,
                         "kv_fraction": kv / full_bytes,
                         "prefill_s": prefill_s,
                         "compress_s": compress_s,
+                        "score_s": time.perf_counter() - t2,
                     }
                 )
                 if progress:
                     progress(1)
     return results
+
+
+def _confidently_failing(exact: Sequence[bool]) -> bool:
+    return len(exact) >= 10 and wilson(sum(exact), len(exact))[1] < PASS
 
 
 def _full_bytes(press: Any, dtype: torch.dtype) -> int:
@@ -309,55 +394,3 @@ def _sliding_bytes(cache: Any, full_layers: Sequence[int], dtype: torch.dtype) -
         if i not in full_layers and getattr(la, "is_initialized", False) and la.keys.numel():
             total += (la.keys.numel() + la.values.numel()) * esize
     return total
-
-
-# ---- aggregation --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Cell:
-    method: str
-    ratio: float | None
-    task: str
-    n: int
-    accuracy: float  # exact match, percent (ppl: perplexity)
-    logprob: float
-    kv_fraction: float
-    kv_bytes_per_token: float
-    prefill_overhead: float  # (prefill + compress) / prefill
-
-
-def aggregate(rows: Iterable[dict[str, Any]], model: str | None = None) -> list[Cell]:
-    """Cells per (method, ratio, task) for one model; rows of different settings are never mixed."""
-    rows = [r for r in rows if model is None or r["model"] == model]
-    settings = {r.get("setting", DEFAULT_SETTING) for r in rows}
-    if len(settings) > 1:
-        raise ValueError(f"results mix {len(settings)} settings ({sorted(settings)}): use one results file per run")
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["ratio"], r["task"]), []).append(r)
-    cells = []
-    for (m, ratio, task), rs in groups.items():
-        n = len(rs)
-        if task == "ppl":
-            acc = math.exp(sum(r["nll"] for r in rs) / sum(r["answer_tokens"] for r in rs))
-        else:
-            acc = 100.0 * sum(r["exact"] for r in rs) / n
-        cells.append(
-            Cell(
-                method=m,
-                ratio=ratio,
-                task=task,
-                n=n,
-                accuracy=acc,
-                logprob=sum(r["logprob"] for r in rs) / n,
-                kv_fraction=sum(r["kv_fraction"] for r in rs) / n,
-                kv_bytes_per_token=sum(r["kv_bytes_per_token"] for r in rs) / n,
-                prefill_overhead=sum((r["prefill_s"] + r["compress_s"]) / r["prefill_s"] for r in rs) / n,
-            )
-        )
-    return sorted(cells, key=lambda c: (c.method != "full", c.method, c.ratio or 0.0, c.task))
-
-
-def cells_to_dicts(cells: Sequence[Cell]) -> list[dict[str, Any]]:
-    return [asdict(c) for c in cells]

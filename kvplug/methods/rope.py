@@ -41,10 +41,14 @@ class Rope:
 
     def mean_rotation(self, positions: Tensor, head_dim: int) -> Tensor:
         """``[D, D]`` matrix ``M`` with ``M @ x`` = the mean over ``positions`` of ``x`` rotated to each (float32;
-        channels past the rotary part pass through)."""
+        channels past the rotary part pass through). Rotation is linear in ``cos`` and ``sin``, so ``M`` uses
+        their means: ``x * mean(cos) + rotate(x) * mean(sin)``."""
+        r = 2 * self.inv_freq.numel()
+        cos, sin = self._cos_sin(positions.reshape(-1), self.inv_freq.device)
+        mc, ms = cos.mean(0) * self.attention_scaling, sin.mean(0) * self.attention_scaling
         eye = torch.eye(head_dim, dtype=torch.float32)
-        pos = positions.reshape(-1, 1).expand(-1, head_dim)  # row i of block p: e_i at position p
-        rows = self.apply(eye.expand(pos.shape[0], head_dim, head_dim), pos).mean(dim=0)  # row i = M e_i
+        rows = eye.clone()  # row i = M e_i
+        rows[:, :r] = eye[:, :r] * mc + self._rotate(eye[:, :r]) * ms
         return rows.transpose(0, 1)
 
     def invert(self, x: Tensor, positions: Tensor) -> Tensor:

@@ -46,10 +46,20 @@ class PrunedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.logical
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
         # HF builds one mask per layer type from the first layer of that type; pruned layers build their own
         # (their lengths may differ per layer), so this only has to be consistent for an unpruned cache.
-        return self.logical + query_length, 0
+        # transformers < 5.3 passes the cache positions of the new tokens, later versions their count.
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.logical + q, 0
+
+    def truncate(self, length: int) -> None:
+        """Drop every held entry after the first ``length`` (undo tokens appended to an unpruned layer)."""
+        if self.pruned:
+            raise RuntimeError("a compressed layer cannot be truncated")
+        if self.held > length:
+            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
+        self.logical = min(self.logical, length)
 
     def crop(self, max_length: int) -> None:  # generation utilities that crop cannot undo an eviction
         if self.pruned:

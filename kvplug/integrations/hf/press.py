@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvplug.integrations.hf.cache import PrunedLayer, layer_types, make_cache
-from kvplug.methods.base import DecodeState, KVMethod, LayerKV, full_layer
+from kvplug.methods.attention import accumulated_attention
+from kvplug.methods.base import DecodeState, KVMethod, LayerKV, Replay, full_layer
 from kvplug.methods.rope import Rope
 
 IMPL = "kvplug"
@@ -111,16 +113,20 @@ class KVPress:
         prefill: bool = True,
         decode: bool = False,
         capture_all: bool = False,
+        tokenizer: Any = None,
     ) -> None:
         if decode and (method is None or not getattr(method, "supports_decode", False)):
             raise ValueError(f"{getattr(method, 'name', None)} has no decode-time eviction")
         if decode and not prefill:
             raise ValueError("decode eviction starts from the prefill's compression: use prefill=True")
+        if method is not None and method.needs_replay and tokenizer is None:
+            raise ValueError(f"{method.name} replays the context with a prompt: pass tokenizer= to KVPress")
         self.model = model
         self.method = method
         self.prefill = prefill
         self.decode = decode
         self.capture_all = capture_all  # keep every prefill query (for compressed_copy with several methods)
+        self.tokenizer = tokenizer  # encodes the replay prompts of methods such as KVzip
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         self.types = layer_types(model.config)
         self.full_layers = [i for i, t in enumerate(self.types) if t == "full_attention"]
@@ -134,6 +140,13 @@ class KVPress:
         self._hook: Any = None
         self.last_compressed: list[Any] | None = None  # CompressedLayer per full layer, from the last prefill
         self.prefilled: tuple[DynamicCache, dict, dict] | None = None  # the last prefill's cache, queries, scales
+        self._input_ids: list[int] | None = None  # the last prefill's tokens (replays re-read them)
+        self._replay_q: dict[int, Tensor] | None = None  # queries captured while a replay runs
+        self._replays: dict[tuple, dict[int, list[Replay]]] = {}  # per replay recipe: full layer -> passes
+        self._sums: dict[tuple[int, torch.dtype], Tensor] = {}  # shared attention column sums per layer, dtype
+        self._shared_s: dict[Any, float] = {}  # seconds each shared item took to compute
+        self.last_shared_s = 0.0  # seconds of shared work (replays, sums) the last compressed_copy relied on
+        self.last_shared_fresh_s = 0.0  # ... of which it computed itself (the rest came from earlier calls)
 
     # -- context --------------------------------------------------------------------------------------------------
     def new_cache(self) -> DynamicCache:
@@ -177,6 +190,11 @@ class KVPress:
         if self._capturing:
             self._queries.clear()
             self._decode_states.clear()
+            self._replays.clear()
+            self._sums.clear()
+            self._shared_s.clear()
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            self._input_ids = ids[0].tolist() if isinstance(ids, Tensor) and ids.shape[0] == 1 else None
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._capturing:
@@ -185,11 +203,14 @@ class KVPress:
             if self.prefill and self.method is not None:
                 self.compress_cache()
 
-    def prefill_layers(self, dtype: torch.dtype | None = None, cache: DynamicCache | None = None) -> list[LayerKV]:
+    def prefill_layers(
+        self, dtype: torch.dtype | None = None, cache: DynamicCache | None = None, method: KVMethod | None = None
+    ) -> list[LayerKV]:
         """The full-attention layers of ``cache`` (default: the current one) as :class:`LayerKV`, with the queries
-        captured by the last prefill."""
+        captured by the last prefill (and the replays ``method`` needs)."""
         cache = cache if cache is not None else self._cache
         assert cache is not None
+        replays = self.replay(method, cache) if method is not None and method.needs_replay else None
         layers = []
         for i in self.full_layers:
             la = cache.layers[i]
@@ -203,9 +224,72 @@ class KVPress:
                     num_layers=len(self.full_layers),
                     rope=self.rope,
                     scaling=self._scaling.get(i),
+                    replays=replays[i] if replays is not None else None,
                 )
             )
         return layers
+
+    def replay(self, method: KVMethod, cache: DynamicCache | None = None) -> dict[int, list[Replay]]:
+        """Run ``method.replay_inputs`` after the last prefill's tokens on its uncompressed KV (KVzip's context
+        reconstruction) and return each full layer's :class:`Replay` list; the cache is left as it was. Cached
+        per prefill and recipe, so methods sharing one prefill (``compressed_copy``) replay once."""
+        cache = cache if cache is not None else self._cache
+        if cache is None or self._input_ids is None:
+            raise RuntimeError(f"{method.name}: replays need a batch-1 prefill run through this press first")
+        if self.tokenizer is None:
+            raise ValueError(f"{method.name} replays the context with a prompt: pass tokenizer= to KVPress")
+        method = getattr(method, "evictor", method)  # a composed method replays for its evictor
+        fields = method.params()
+        recipe = tuple((k, v) for k, v in sorted(fields.items()) if k not in ("compression_ratio", "token_budget"))
+        if recipe in self._replays:
+            self.last_shared_s += self._shared_s[recipe]
+            return self._replays[recipe]
+        t0 = time.perf_counter()
+
+        def encode(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False).input_ids
+
+        n = len(self._input_ids)
+        if any(cache.layers[i].held != n for i in self.full_layers):
+            raise RuntimeError(f"{method.name}: replays need the uncompressed prefill ({n} tokens)")
+        out: dict[int, list[Replay]] = {i: [] for i in self.full_layers}
+        device = next(self.model.parameters()).device
+        for start, end, ids in method.replay_inputs(self._input_ids, encode):  # type: ignore[attr-defined]
+            saved = {i: copy.deepcopy(la) for i, la in enumerate(cache.layers) if i not in self.full_layers}
+            self._replay_q = {}
+            try:
+                pos = torch.arange(n, n + len(ids), device=device).unsqueeze(0)
+                with torch.no_grad():
+                    self.model(torch.tensor([ids], device=device), past_key_values=cache, position_ids=pos)
+                for i in self.full_layers:
+                    la = cache.layers[i]
+                    out[i].append(Replay(self._replay_q[i], la.keys[:, :, n:].clone(), start, end))
+            finally:
+                self._replay_q = None
+                for i in self.full_layers:
+                    cache.layers[i].truncate(n)
+                for i, la in saved.items():
+                    cache.layers[i] = la
+        self._replays[recipe] = out
+        self._shared_s[recipe] = took = time.perf_counter() - t0
+        self.last_shared_s += took
+        self.last_shared_fresh_s += took
+        return out
+
+    def _attention_sums(self, layers: list[LayerKV], dtype: torch.dtype | None) -> None:
+        """Attach every prompt query's attention column sums, computed once per prefill and dtype."""
+        for i, la in zip(self.full_layers, layers, strict=True):
+            if la.queries is None or la.queries.shape[2] != la.length:
+                return  # not every query was captured
+            key = (i, la.keys.dtype if dtype is None else dtype)
+            if key not in self._sums:
+                t0 = time.perf_counter()
+                acc = accumulated_attention(la.queries, la.keys, la.scale)  # [B, H, G, N]
+                self._sums[key] = acc.reshape(la.batch, -1, la.length)
+                self._shared_s[key] = took = time.perf_counter() - t0
+                self.last_shared_fresh_s += took
+            self.last_shared_s += self._shared_s[key]
+            la.attention_sums = self._sums[key]
 
     def compressed_copy(self, method: KVMethod | None, dtype: torch.dtype | None = None) -> tuple[DynamicCache, list]:
         """A new cache holding the current (captured, uncompressed) prefill compressed by ``method``: run one
@@ -218,11 +302,14 @@ class KVPress:
                 "compressed_copy needs an uncompressed prefill: use KVPress(model, None, capture_all=True)"
             )
         source, self._queries, self._scaling = self.prefilled
-        layers = self.prefill_layers(dtype, source)
+        self.last_shared_s = self.last_shared_fresh_s = 0.0
+        layers = self.prefill_layers(dtype, source, method)
         for la in layers:
             w = method.query_window if method is not None else 0
             if la.queries is not None and w is not None:
                 la.queries = la.queries[:, :, -w:, :] if w > 0 else None
+        if method is not None and method.uses_attention_sums:
+            self._attention_sums(layers, dtype)
         out = method.compress(layers) if method is not None else [full_layer(la) for la in layers]
         cache = self.new_cache()
         for i, src in enumerate(source.layers):
@@ -242,7 +329,7 @@ class KVPress:
     def compress_cache(self) -> None:
         """Compress every full-attention layer of the current cache with the method (end of prefill)."""
         assert self._cache is not None and self.method is not None
-        out = self.method.compress(self.prefill_layers())
+        out = self.method.compress(self.prefill_layers(method=self.method))
         for i, c in zip(self.full_layers, out, strict=True):
             self._cache.layers[i].replace(c.keys, c.values, c.keep)
         self.last_compressed = out
@@ -262,6 +349,8 @@ class KVPress:
         idx = module.layer_idx
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         layer = self._cache.layers[idx] if self._cache is not None else None
+        if self._replay_q is not None and isinstance(layer, PrunedLayer):
+            self._replay_q[idx] = query.detach()
         if self._capturing and isinstance(layer, PrunedLayer):
             w = None if self.capture_all else (self.method.query_window if self.method is not None else 0)
             if w is None or w > 0:
