@@ -151,4 +151,4 @@ def test_tenant_caches_are_bounded_and_an_evicted_tenant_comes_back_with_its_key
         conn._cache(f"t{i}")
         assert len(conn._caches) <= 3
     assert list(conn._caches) == ["t47", "t48", "t49"]
-    assert conn._cache("a").namespace.digest == first["a"]  # rebuilt after eviction: same keys, so its entries still hit
+    assert conn._cache("a").namespace.digest == first["a"]  # rebuilt after eviction: same keys, entries still hit
