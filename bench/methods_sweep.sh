@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 M="streamingllm,h2o,h2o?normalize=true,snapkv,snapkv?window_size=64&kernel_size=5&pooling=avg,pyramidkv,tova"
 M="$M,scissorhands,cake,knorm,keydiff,expectedattention,kvzip,random,razorattention,think,kivi,kivi?bits=4,kvquant"
 M="$M,int8,snapkv+kivi"
-M1K="$M,scissorhands?kernel_size=1,minicache?min_similarity=0"
+M1K="$M,scissorhands?kernel_size=1,minicache?min_similarity=-1"
 SMOL=$OUT/methods-smollm2.jsonl
 AGN=$OUT/methods-smollm2-agnostic.jsonl
 GEM=$OUT/methods-gemma3.jsonl

@@ -36,7 +36,7 @@ class MiniCache(KVMethod):
     merged in adjacent pairs: one SLERP direction (``interpolation`` t) per token, each layer keeps its own
     magnitudes; the ``retention_ratio`` of tokens with the widest angle stay unmerged in both layers. The merge
     rests on adjacent layers' KV being similar: a pair's keys (values) are merged only when their mean per-token
-    cosine similarity is at least ``min_similarity`` (0 merges everything, as the paper's fixed schedule)."""
+    cosine similarity is at least ``min_similarity`` (-1 merges everything, as the paper's fixed schedule)."""
 
     start_layer: int | None = None
     interpolation: float = 0.6
