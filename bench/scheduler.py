@@ -307,7 +307,8 @@ def main() -> None:
         f"`{cmd.strip()}` (`bench/scheduler.py`), vLLM {vllm_version()} CPU, {Path(model).name}, {args.dtype}, "
         f"{os.cpu_count()} CPU cores, one seed ({args.seed}); each policy a new engine process, the same stream.",
         f"1-min load average: {load[0]:.2f} before, {load[1]:.2f} after FCFS, {load[2]:.2f} after cache-aware "
-        f"(whole run {total_s:.0f} s). The machine was shared with other work; one run, so expect noise.",
+        f"(whole run {total_s:.0f} s; an engine keeps about 1-2 cores busy by itself). One run, one seed: expect "
+        "noise between runs.",
         "",
         f"Workload: {args.n} requests, Poisson arrivals at {rate:.3f}/s ({rate_note}); "
         f"{args.cached_fraction:.0%} share one of "
