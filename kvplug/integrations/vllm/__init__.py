@@ -19,6 +19,7 @@ def register() -> None:
 
     _register_sparse_backend()
     _register_blend_models()
+    _register_eviction()
     if CONNECTOR_NAME in KVConnectorFactory._registry:
         return
     check_version()
@@ -47,3 +48,16 @@ def _register_sparse_backend() -> None:
         return
     if override_cpu_attention(SPARSE_BACKEND):
         log.debug("kvplug: CPU_ATTN -> %s", SPARSE_BACKEND)
+
+
+def _register_eviction() -> None:
+    """Register kvplug's eviction KV cache spec and let full-attention layers report it when an engine's config
+    asks for eviction (docs/engine-eviction.md); otherwise vLLM's specs are untouched. ``KVPLUG_EVICT=off`` skips
+    it."""
+    import os
+
+    if os.environ.get("KVPLUG_EVICT", "").strip().lower() in ("off", "0", "false"):
+        return
+    from kvplug.integrations.vllm.evict import register as register_eviction
+
+    register_eviction()

@@ -420,3 +420,48 @@ def uses_priority_policy(scheduler: Any) -> bool:
     from vllm.v1.core.sched.request_queue import SchedulingPolicy
 
     return bool(getattr(scheduler, "policy", None) == SchedulingPolicy.PRIORITY)
+
+
+# ---- eviction inside vLLM (kvplug.integrations.vllm.evict) ------------------------------------------------------
+# Private vLLM internals (verified with vLLM 0.32.0): the KV cache spec registry (public class, but its
+# ``_ensure_registered`` must run first or the built-in specs are skipped) and ``Attention.get_kv_cache_spec``,
+# which builds a full-attention layer's spec without asking the backend (``customize_spec`` is only called for
+# sliding-window layers), so a wrapper is the one way to report another spec.
+
+
+def register_kv_spec(spec_cls: type, manager_cls: type) -> None:
+    """Register a ``FullAttentionSpec`` subclass and its manager with vLLM's ``KVCacheSpecRegistry``, grouped with
+    full attention. Idempotent."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(spec_cls, manager_cls, uniform_type_base_spec=FullAttentionSpec)
+
+
+def transform_layer_kv_spec(transform: Any) -> None:
+    """Wrap ``Attention.get_kv_cache_spec`` so that ``transform(spec, vllm_config)`` may replace the spec each
+    attention layer reports. Idempotent (one wrapper, the latest transform)."""
+    from vllm.model_executor.layers.attention import Attention
+
+    original = Attention.get_kv_cache_spec
+    if getattr(original, "_kvplug_wrapped", False):
+        original._kvplug_transform[0] = transform  # type: ignore[attr-defined]
+        return
+    slot = [transform]
+
+    @functools.wraps(original)
+    def wrapper(self: Any, vllm_config: Any) -> Any:
+        spec = original(self, vllm_config)
+        return spec if spec is None else slot[0](spec, vllm_config)
+
+    wrapper._kvplug_wrapped = True  # type: ignore[attr-defined]
+    wrapper._kvplug_transform = slot  # type: ignore[attr-defined]
+    Attention.get_kv_cache_spec = wrapper  # type: ignore[method-assign]
+
+
+def kv_block_pool(llm: Any) -> Any:
+    """The block pool of an in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): its free-block count is
+    vLLM's own measure of what requests hold (used by the runner's block trace)."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.scheduler.kv_cache_manager.block_pool

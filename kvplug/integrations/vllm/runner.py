@@ -79,7 +79,9 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         )
         for p in params
     ]
-    if spec.get("batch"):  # all prompts in one generate call: scheduled together (and preempted, if blocks run out)
+    if spec.get("trace_blocks"):  # one prompt at a time, stepping the engine: vLLM's free-block count per step
+        outs = [_traced(llm, i, prompt, sp) for i, (prompt, sp) in enumerate(zip(spec["prompts"], sps, strict=True))]
+    elif spec.get("batch"):  # all prompts in one generate call: scheduled together (and preempted, if blocks run out)
         t0 = time.perf_counter()
         results = llm.generate([{"prompt_token_ids": p} for p in spec["prompts"]], sps, use_tqdm=False)
         outs = [_out(o, time.perf_counter() - t0) for o in results]
@@ -157,6 +159,24 @@ def _out(o: Any, seconds: float) -> dict[str, Any]:
         out["scheduled_ts"] = stats.scheduled_ts
         out["num_preemptions"] = stats.num_preemptions
     return out
+
+
+def _traced(llm: Any, i: int, prompt: list[int], sp: Any) -> dict[str, Any]:
+    """Run one prompt by stepping the in-process engine; the output carries ``blocks_used``, the blocks the
+    engine's pool had handed out after each step (vLLM's own free-block counter)."""
+    from kvplug.integrations.vllm._compat import kv_block_pool
+
+    pool = kv_block_pool(llm)
+    total = pool.num_gpu_blocks - 1  # the null block is never free
+    eng, rid, used, out = llm.llm_engine, f"traced-{i}", [], None
+    t0 = time.perf_counter()
+    eng.add_request(rid, {"prompt_token_ids": prompt}, sp)
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                out = o
+        used.append(total - pool.get_num_free_blocks())
+    return {**_out(out, time.perf_counter() - t0), "blocks_used": used}
 
 
 def _flush(llm: Any) -> None:

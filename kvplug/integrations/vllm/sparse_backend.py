@@ -50,7 +50,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from kvplug.errors import ConfigError
-from kvplug.integrations.vllm import _compat
+from kvplug.integrations.vllm import _compat, evict
 from kvplug.methods import sparse
 from kvplug.methods.sparse import SparseMethod, SparseState
 
@@ -214,6 +214,9 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         self._tokenizer = vllm_config.model_config.tokenizer
         self._warned: set[str] = set()
         self._last_step: SparseStep | None = None
+        self._streaming = kv_cache_spec if isinstance(kv_cache_spec, evict.StreamingSpec) else None
+        if self._streaming is not None:
+            _compat.track_runner_batches()  # compact() maps rows to requests
         if self.cfg is None or self.is_cross_attention or self.is_encoder_only_attention:
             return
         if self.isa not in SUPPORTED_ISAS or self.kv_cache_dtype not in (None, "auto"):
@@ -244,6 +247,8 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> CPUAttentionMetadata:
+        if self._streaming is not None:  # evicted blocks dropped from the tables (kvplug eviction; never sparse)
+            return super().build(common_prefix_len, evict.compact(self._streaming, common_attn_metadata), fast_build)
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if not self._layers:
             return meta

@@ -1,0 +1,167 @@
+"""StreamingLLM eviction inside the real vLLM CPU engine (SmolLM2, float32): blocks really go back to vLLM's free
+pool (its own counter), the output equals an HF reference that masks exactly the evicted blocks, a request the
+window covers is bit-for-bit the normal path, and vLLM's prefix cache never serves a block computed after an
+eviction. Two engine runs (eviction on, off), each request stepped alone so the pool count is the request's."""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+
+from tests.vllm_helpers import cached, engine, metric, require_vllm, tokens
+
+require_vllm()
+
+SINKS, WINDOW, BLOCK, GEN = 4, 128, 32, 64
+EVICT = {"kvplug_evict": {"method": "streamingllm", "num_sinks": SINKS, "window": WINDOW}}
+
+
+def hf_reference(path: str, prompt: list[int], n: int, window: int = WINDOW) -> list[int]:
+    """Greedy tokens from transformers with every query after the prompt masked to the sink blocks and the blocks
+    from floor((p + 1 - window) / block) on (docs/engine-eviction.md), recomputed from scratch at each step."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    ids, n_prompt, sink = list(prompt), len(prompt), -(-SINKS // BLOCK)
+    with torch.no_grad():
+        for _ in range(n):
+            total = len(ids)
+            mask = torch.full((total, total), float("-inf"))
+            for q in range(total):
+                if q < n_prompt:
+                    mask[q, : q + 1] = 0
+                else:
+                    mask[q, : sink * BLOCK] = 0
+                    mask[q, max(sink, (q + 1 - window) // BLOCK) * BLOCK : q + 1] = 0
+            logits = model(torch.tensor([ids]), attention_mask=mask[None, None]).logits
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[n_prompt:]
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict:
+    from pydoc_data.topics import topics
+
+    from transformers import AutoTokenizer
+
+    from kvplug.models import smollm2_dir
+
+    path = str(smollm2_dir())
+    ids = AutoTokenizer.from_pretrained(path)(topics["assert"] + topics["assignment"], add_special_tokens=False)
+    long_prompt = ids.input_ids[:300]  # longer than the window: evicted right after its prefill
+    short_prompt = ids.input_ids[400:430]  # 30 + 64 generated < 128: the window covers it
+    ref = hf_reference(path, long_prompt, GEN)
+    full_ref = hf_reference(path, long_prompt, GEN, window=1 << 30)  # no eviction: plain causal attention
+    spec = {
+        "model": path,
+        "max_tokens": GEN,
+        "connector": False,
+        "prefix_caching": True,
+        "trace_blocks": True,
+        "metric_prefixes": ["kvplug_evict"],
+    }
+    # the third prompt repeats the long request's prompt and (reference) output
+    return {
+        "evict": engine(
+            {**spec, "prompts": [long_prompt, short_prompt, long_prompt + ref], "additional_config": EVICT}
+        ),
+        "plain": engine({**spec, "prompts": [long_prompt, short_prompt, long_prompt + full_ref]}),
+        "ref": ref,
+        "prompt_blocks": len(long_prompt) // BLOCK,
+    }
+
+
+@pytest.mark.slow
+def test_blocks_go_back_to_the_pool(runs) -> None:
+    ev, plain = runs["evict"]["outputs"][0]["blocks_used"], runs["plain"]["outputs"][0]["blocks_used"]
+    bound = -(-SINKS // BLOCK) + WINDOW // BLOCK + 2  # sinks, the window, the block being filled
+    assert ev[0] == plain[0] == 10  # the 300-token prompt is prefilled whole (full attention)
+    assert max(ev[1:]) <= bound < 10, ev  # then the request holds sinks + window, whatever its length
+    assert plain[-2] == 12 and max(plain) >= 12  # without eviction it grows with the generation
+    assert metric(runs["evict"], "kvplug_evict_blocks_freed_total", method="streamingllm") >= 10 - bound
+
+
+@pytest.mark.slow
+def test_output_equals_the_masked_hf_reference_and_differs_from_full_attention(runs) -> None:
+    assert tokens(runs["evict"])[0] == runs["ref"]
+    assert tokens(runs["plain"])[0] != runs["ref"]  # eviction really changed what was attended
+
+
+@pytest.mark.slow
+def test_a_request_the_window_covers_is_bit_for_bit_the_normal_path(runs) -> None:
+    assert tokens(runs["evict"])[1] == tokens(runs["plain"])[1]
+    assert max(runs["evict"]["outputs"][1]["blocks_used"]) == max(runs["plain"]["outputs"][1]["blocks_used"])
+
+
+@pytest.mark.slow
+def test_prefix_cache_serves_the_prompt_never_blocks_computed_after_eviction(runs) -> None:
+    # the follow-up prompt repeats the long request's prompt and output: without eviction vLLM's prefix cache
+    # serves the output's full blocks too; with eviction only the prompt's (computed with full attention)
+    assert tokens(runs["evict"])[0] == runs["ref"]  # so the follow-up really repeats what the engine computed
+    assert cached(runs["evict"])[2] == runs["prompt_blocks"] * BLOCK
+    assert cached(runs["plain"])[2] >= (runs["prompt_blocks"] + 1) * BLOCK
+
+
+# ---- configuration (no engine) --------------------------------------------------------------------------------------
+def _full_spec():  # a real vLLM FullAttentionSpec as a SmolLM2 layer reports it
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    return FullAttentionSpec(block_size=BLOCK, num_kv_heads=3, head_size=64, dtype=torch.float32)
+
+
+def test_layer_spec_follows_the_engine_config() -> None:
+    from vllm.v1.kv_cache_interface import SlidingWindowSpec
+
+    from kvplug.integrations.vllm.evict import StreamingSpec, _layer_spec
+
+    full = _full_spec()
+    on = SimpleNamespace(additional_config=EVICT, kv_transfer_config=None)
+    spec = _layer_spec(full, on)
+    assert isinstance(spec, StreamingSpec) and (spec.num_sinks, spec.window) == (SINKS, WINDOW)
+    assert spec.page_size_bytes == full.page_size_bytes  # same KV layout: only what is freed changes
+    assert StreamingSpec.merge([spec, spec]) == spec
+    assert _layer_spec(full, SimpleNamespace(additional_config={}, kv_transfer_config=None)) is full
+    swa = SlidingWindowSpec(
+        **{
+            f.name: getattr(full, f.name)
+            for f in dataclasses.fields(full)
+            if f.init and f.name not in ("attention_chunk_size", "non_causal")
+        }
+        | {"sliding_window": 64}
+    )
+    assert _layer_spec(swa, on) is swa  # local layers keep vLLM's own window
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"method": "snapkv"}, "unknown eviction method 'snapkv'"),
+        ({"method": "streamingllm", "window": 0}, "window must be >= 1"),
+        ({"method": "streamingllm", "budget": 3}, "unknown option(s) ['budget']"),
+        ({"method": "streamingllm", "window": "big"}, "window must be an integer"),
+        ([1, 2], "expected an object"),
+    ],
+)
+def test_bad_config_names_the_problem(raw, needle) -> None:
+    from kvplug.errors import ConfigError
+    from kvplug.integrations.vllm.evict import _layer_spec
+
+    with pytest.raises(ConfigError, match="additional_config.kvplug_evict") as e:
+        _layer_spec(_full_spec(), SimpleNamespace(additional_config={"kvplug_evict": raw}, kv_transfer_config=None))
+    assert needle in str(e.value)
+
+
+def test_refused_alongside_a_kv_connector_or_sparse_attention() -> None:
+    from kvplug.errors import ConfigError
+    from kvplug.integrations.vllm.evict import _layer_spec
+
+    ktc = SimpleNamespace(kv_connector="KVPlugConnector", kv_connector_extra_config={})
+    with pytest.raises(ConfigError, match="KV connector"):
+        _layer_spec(_full_spec(), SimpleNamespace(additional_config=EVICT, kv_transfer_config=ktc))
+    both = {**EVICT, "kvplug_sparse": {"method": "quest", "budget": 256}}
+    with pytest.raises(ConfigError, match="sparse attention"):
+        _layer_spec(_full_spec(), SimpleNamespace(additional_config=both, kv_transfer_config=None))
