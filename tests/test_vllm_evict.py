@@ -1,7 +1,8 @@
-"""StreamingLLM eviction inside the real vLLM CPU engine (SmolLM2, float32): blocks really go back to vLLM's free
-pool (its own counter), the output equals an HF reference that masks exactly the evicted blocks, a request the
-window covers is bit-for-bit the normal path, and vLLM's prefix cache never serves a block computed after an
-eviction. Two engine runs (eviction on, off), each request stepped alone so the pool count is the request's."""
+"""Eviction inside the real vLLM CPU engine (SmolLM2, float32), StreamingLLM and SnapKV: blocks really go back to
+vLLM's free pool (its own counter), the output equals an HF reference that masks exactly the evicted blocks (for
+SnapKV, the blocks chosen from transformers' own prefill by the same rule), a request the window covers is
+bit-for-bit the normal path, and vLLM's prefix cache never serves a block computed after an eviction. Three engine
+runs (StreamingLLM, SnapKV, none), each request stepped alone so the pool count is the request's."""
 
 from __future__ import annotations
 
@@ -16,29 +17,32 @@ require_vllm()
 
 SINKS, WINDOW, BLOCK, GEN = 4, 128, 32, 64
 EVICT = {"kvplug_evict": {"method": "streamingllm", "num_sinks": SINKS, "window": WINDOW}}
+SNAPKV = {"method": "snapkv", "compression_ratio": 0.5}
 
 
 def hf_reference(path: str, prompt: list[int], n: int, window: int = WINDOW) -> list[int]:
-    """Greedy tokens from transformers with every query after the prompt masked to the sink blocks and the blocks
-    from floor((p + 1 - window) / block) on (docs/engine-eviction.md), recomputed from scratch at each step."""
+    """Greedy tokens from transformers with the engine's block mask (kvplug.eval.masked)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    from kvplug.eval.masked import streaming_greedy
+
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    ids, n_prompt, sink = list(prompt), len(prompt), -(-SINKS // BLOCK)
-    with torch.no_grad():
-        for _ in range(n):
-            total = len(ids)
-            mask = torch.full((total, total), float("-inf"))
-            for q in range(total):
-                if q < n_prompt:
-                    mask[q, : q + 1] = 0
-                else:
-                    mask[q, : sink * BLOCK] = 0
-                    mask[q, max(sink, (q + 1 - window) // BLOCK) * BLOCK : q + 1] = 0
-            logits = model(torch.tensor([ids]), attention_mask=mask[None, None]).logits
-            ids.append(int(logits[0, -1].argmax()))
-    return ids[n_prompt:]
+    return streaming_greedy(model, prompt, n, SINKS, window, BLOCK)
+
+
+def snapkv_reference(path: str, prompt: list[int], n: int) -> tuple[tuple[int, ...], list[int]]:
+    """SnapKV's dropped blocks from transformers' prefill (kvplug.eval.masked.scored_holes) and the greedy tokens
+    with those blocks masked for every query after the prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kvplug.eval.masked import greedy, scored_holes
+    from kvplug.methods import registry
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    holes = scored_holes(model, prompt, registry.get("snapkv", compression_ratio=0.5), BLOCK)
+    return holes, greedy(model, prompt, n, BLOCK, lambda q: holes)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +59,7 @@ def runs() -> dict:
     short_prompt = ids.input_ids[400:430]  # 30 + 64 generated < 128: the window covers it
     ref = hf_reference(path, long_prompt, GEN)
     full_ref = hf_reference(path, long_prompt, GEN, window=1 << 30)  # no eviction: plain causal attention
+    holes, snap_ref = snapkv_reference(path, long_prompt, GEN)
     spec = {
         "model": path,
         "max_tokens": GEN,
@@ -69,6 +74,9 @@ def runs() -> dict:
             {**spec, "prompts": [long_prompt, short_prompt, long_prompt + ref], "additional_config": EVICT}
         ),
         "plain": engine({**spec, "prompts": [long_prompt, short_prompt, long_prompt + full_ref]}),
+        "snapkv": engine({**spec, "prompts": [long_prompt], "additional_config": {"kvplug_evict": SNAPKV}}),
+        "holes": holes,
+        "snap_ref": snap_ref,
         "ref": ref,
         "prompt_blocks": len(long_prompt) // BLOCK,
     }
@@ -105,6 +113,17 @@ def test_prefix_cache_serves_the_prompt_never_blocks_computed_after_eviction(run
     assert cached(runs["plain"])[2] >= (runs["prompt_blocks"] + 1) * BLOCK
 
 
+@pytest.mark.slow
+def test_snapkv_frees_the_blocks_chosen_from_the_same_scores_as_transformers(runs) -> None:
+    holes, used = runs["holes"], runs["snapkv"]["outputs"][0]["blocks_used"]
+    assert len(holes) == 5  # 300 tokens, 50%: 150 kept -> 5 of 10 blocks
+    assert 9 not in holes  # the observation window (the last 32 tokens) is never evicted
+    assert used[0] == 10 and max(used[1:]) == 10 - 5 + 2  # freed after the prompt; the output then adds 2 blocks
+    assert metric(runs["snapkv"], "kvplug_evict_blocks_freed_total", method="snapkv") == 5
+    assert tokens(runs["snapkv"])[0] == runs["snap_ref"]  # so the engine dropped exactly the blocks HF chose
+    assert tokens(runs["snapkv"])[0] != tokens(runs["plain"])[0]
+
+
 # ---- configuration (no engine) --------------------------------------------------------------------------------------
 def _full_spec():  # a real vLLM FullAttentionSpec as a SmolLM2 layer reports it
     import torch
@@ -139,7 +158,9 @@ def test_layer_spec_follows_the_engine_config() -> None:
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [
-        ({"method": "snapkv"}, "unknown eviction method 'snapkv'"),
+        ({"method": "h2o", "compression_ratio": 0.5}, "unknown eviction method 'h2o'"),
+        ({"method": "snapkv"}, "needs compression_ratio"),
+        ({"method": "snapkv", "compression_ratio": 1.5}, "compression_ratio must be in [0, 1)"),
         ({"method": "streamingllm", "window": 0}, "window must be >= 1"),
         ({"method": "streamingllm", "budget": 3}, "unknown option(s) ['budget']"),
         ({"method": "streamingllm", "window": "big"}, "window must be an integer"),

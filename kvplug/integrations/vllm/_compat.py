@@ -465,3 +465,8 @@ def kv_block_pool(llm: Any) -> Any:
     vLLM's own measure of what requests hold (used by the runner's block trace)."""
     core = llm.llm_engine.engine_core.engine_core
     return core.scheduler.kv_cache_manager.block_pool
+
+
+def running_requests(llm: Any) -> int:
+    """Requests in the in-process engine's running set (scheduled with their KV allocated)."""
+    return len(llm.llm_engine.engine_core.engine_core.scheduler.running)

@@ -41,9 +41,11 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from prometheus_client import Counter
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -56,9 +58,13 @@ log = logging.getLogger("kvplug.vllm.evict")
 CONFIG_KEY = "kvplug_evict"  # additional_config key
 CONNECTOR_KEY = "evict"  # kv_connector_extra_config key
 ENV_VAR = "KVPLUG_EVICT"
-METHODS = ("streamingllm",)
+# kvplug methods whose token scores need only the prompt's keys, values and last queries (``query_window`` not None)
+SCORED = ("snapkv", "pyramidkv", "tova", "knorm")
+METHODS = ("streamingllm", *SCORED)
 
 FREED = Counter("kvplug_evict_blocks_freed", "KV blocks returned to vLLM's free pool by eviction", ["method"])
+SCORED_REQUESTS = Counter("kvplug_evict_requests_scored", "Prompts whose blocks were scored for eviction", ["method"])
+ERRORS = Counter("kvplug_evict_errors", "Scoring failures (the request keeps all its blocks)", ["kind"])
 
 
 @dataclass(frozen=True)
@@ -72,16 +78,8 @@ class StreamingLLMConfig:
     method: str = "streamingllm"
 
     @classmethod
-    def parse(cls, raw: Any, source: str) -> StreamingLLMConfig:
-        if isinstance(raw, str):
-            text = raw.strip()
-            raw = json.loads(text) if text.startswith("{") else {"method": text}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected an object like {{'method': 'streamingllm'}}, got {raw!r}")
-        raw = dict(raw)
-        method = str(raw.pop("method", "streamingllm")).lower()
-        if method not in METHODS:
-            raise ConfigError(f"{source}: unknown eviction method {method!r} inside vLLM (supported: {METHODS})")
+    def parse(cls, raw: dict[str, Any], source: str) -> StreamingLLMConfig:
+        method = "streamingllm"
         known = {f.name for f in dataclasses.fields(cls)} - {"method"}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -97,19 +95,62 @@ class StreamingLLMConfig:
         return cfg
 
 
-def engine_config(vllm_config: Any) -> StreamingLLMConfig | None:
+@dataclass(frozen=True)
+class ScoredConfig:
+    """Block eviction after the prompt by a kvplug method's token scores (``SCORED``; the method's own docstring
+    cites its paper), with its parameters (``compression_ratio`` = fraction of the prompt's blocks freed, or
+    ``token_budget``)."""
+
+    method: str
+    params: str  # JSON, sorted keys: hashable, and it travels in the KV cache spec
+
+    @classmethod
+    def parse(cls, raw: dict[str, Any], method: str, source: str) -> ScoredConfig:
+        from kvplug.methods import registry
+
+        if "compression_ratio" not in raw and "token_budget" not in raw:
+            raise ConfigError(f"{source}: {method} needs compression_ratio (fraction freed) or token_budget")
+        try:
+            registry.get(method, **raw)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        return cls(method, json.dumps(raw, sort_keys=True))
+
+    def build(self) -> Any:
+        from kvplug.methods import registry
+
+        return registry.get(self.method, **json.loads(self.params))
+
+
+def parse_config(raw: Any, source: str) -> StreamingLLMConfig | ScoredConfig:
+    """An eviction setting: an object ``{"method": ..., options}``, its JSON text, or a bare method name."""
+    if isinstance(raw, str):
+        text = raw.strip()
+        raw = json.loads(text) if text.startswith("{") else {"method": text}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected an object like {{'method': 'streamingllm'}}, got {raw!r}")
+    raw = dict(raw)
+    method = str(raw.pop("method", "streamingllm")).lower()
+    if method == "streamingllm":
+        return StreamingLLMConfig.parse(raw, source)
+    if method in SCORED:
+        return ScoredConfig.parse(raw, method, source)
+    raise ConfigError(f"{source}: unknown eviction method {method!r} inside vLLM (supported: {', '.join(METHODS)})")
+
+
+def engine_config(vllm_config: Any) -> StreamingLLMConfig | ScoredConfig | None:
     """The engine's eviction config from ``additional_config``, the kvplug connector's extra config or the
     environment (in that order); ``None`` when none is given."""
     extra = getattr(vllm_config, "additional_config", None)
     if isinstance(extra, dict) and extra.get(CONFIG_KEY) is not None:
-        return StreamingLLMConfig.parse(extra[CONFIG_KEY], f"additional_config.{CONFIG_KEY}")
+        return parse_config(extra[CONFIG_KEY], f"additional_config.{CONFIG_KEY}")
     ktc = getattr(vllm_config, "kv_transfer_config", None)
     conn = getattr(ktc, "kv_connector_extra_config", None) or {}
     if ktc is not None and conn.get(CONNECTOR_KEY) is not None:
-        return StreamingLLMConfig.parse(conn[CONNECTOR_KEY], f"kv_connector_extra_config.{CONNECTOR_KEY}")
+        return parse_config(conn[CONNECTOR_KEY], f"kv_connector_extra_config.{CONNECTOR_KEY}")
     env = os.environ.get(ENV_VAR, "").strip()
     if env and env.lower() not in ("0", "off", "false", "none"):
-        return StreamingLLMConfig.parse(env, ENV_VAR)
+        return parse_config(env, ENV_VAR)
     return None
 
 
@@ -139,7 +180,13 @@ class StreamingSpec(FullAttentionSpec):
         return dataclasses.replace(base, num_sinks=num_sinks, window=window)
 
 
-class StreamingManager(FullAttentionManager):
+class _PromptOnlyPrefixCache(FullAttentionManager):
+    def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
+        # only prompt blocks are a plain prefix: later blocks were computed with evicted context
+        super().cache_blocks(request, min(num_tokens, request.num_prompt_tokens), *args, **kwargs)
+
+
+class StreamingManager(_PromptOnlyPrefixCache):
     """vLLM's full-attention manager that frees the blocks a :class:`StreamingSpec` no longer attends."""
 
     def remove_skipped_blocks(
@@ -158,15 +205,86 @@ class StreamingManager(FullAttentionManager):
         if freed:
             FREED.labels("streamingllm").inc(freed)
 
-    def cache_blocks(self, request: Any, num_tokens: int, *args: Any, **kwargs: Any) -> None:
-        # only prompt blocks are a plain prefix: later blocks were computed with evicted context
-        super().cache_blocks(request, min(num_tokens, request.num_prompt_tokens), *args, **kwargs)
+
+@dataclass(frozen=True, kw_only=True)
+class ScoredSpec(FullAttentionSpec):
+    """A full-attention layer whose lowest-scored prompt blocks (a kvplug method's scores) are freed after the
+    prompt."""
+
+    method: str = ""
+    params: str = "{}"
+
+    def config(self) -> ScoredConfig:
+        return ScoredConfig(self.method, self.params)
+
+    @classmethod
+    def merge(cls, specs: list[Any]) -> ScoredSpec:
+        cfgs = {(s.method, s.params) for s in specs if isinstance(s, ScoredSpec)}
+        if len(cfgs) != 1 or not all(isinstance(s, ScoredSpec) for s in specs):
+            raise ValueError(f"kvplug eviction: layers of one KV cache group disagree on the method: {cfgs}")
+        base = super().merge(specs)
+        method, params = cfgs.pop()
+        return dataclasses.replace(base, method=method, params=params)
+
+
+@dataclass
+class Choice:
+    """The logical blocks a request's prompt gives up (chosen by the worker after the prompt's last layer)."""
+
+    holes: tuple[int, ...]
+    applied: bool = False  # freed by the scheduler's manager
+
+
+# Worker -> scheduler: the worker writes a request's choice after the forward that completes its prompt; the
+# scheduler's manager frees the blocks at its next allocation and forgets the choice when the request's blocks are
+# freed (finish or preemption). Both sides run in vLLM's engine-core process (one worker: checked at start).
+_CHOICES: dict[str, Choice] = {}
+_CHOICES_LOCK = threading.Lock()
+
+
+def choice(request_id: str) -> Choice | None:
+    with _CHOICES_LOCK:
+        return _CHOICES.get(request_id)
+
+
+def _set_choice(request_id: str, c: Choice) -> None:
+    with _CHOICES_LOCK:
+        _CHOICES[request_id] = c
+
+
+class ScoredManager(_PromptOnlyPrefixCache):
+    """vLLM's full-attention manager that frees the prompt blocks the worker's scoring gave up."""
+
+    def remove_skipped_blocks(
+        self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None
+    ) -> None:
+        c = choice(request_id)
+        if c is None or c.applied or num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
+            return
+        blocks = self.req_to_blocks.get(request_id)
+        if blocks is None:
+            return
+        freed = []
+        for i in c.holes:
+            if i < len(blocks) and blocks[i] is not self._null_block:
+                freed.append(blocks[i])
+                blocks[i] = self._null_block
+        if freed:
+            self.block_pool.free_blocks(freed)
+            FREED.labels(self.kv_cache_spec.method).inc(len(freed))
+        c.applied = True
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        with _CHOICES_LOCK:
+            _CHOICES.pop(request_id, None)  # finished or preempted: a resumed request is scored again
 
 
 def register() -> None:
     """Register :class:`StreamingSpec` with vLLM (idempotent) and make full-attention layers report it when the
     engine's config asks for eviction. Runs in every vLLM process (the kvplug plugin)."""
     _compat.register_kv_spec(StreamingSpec, StreamingManager)
+    _compat.register_kv_spec(ScoredSpec, ScoredManager)
     _compat.transform_layer_kv_spec(_layer_spec)
 
 
@@ -189,35 +307,158 @@ def _layer_spec(spec: Any, vllm_config: Any) -> Any:
     if sparse_backend.engine_config(vllm_config) is not None:
         raise ConfigError("kvplug eviction and kvplug sparse attention cannot both be on for one engine")
     fields = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.init}
-    return StreamingSpec(**fields, num_sinks=cfg.num_sinks, window=cfg.window)
+    if isinstance(cfg, StreamingLLMConfig):
+        return StreamingSpec(**fields, num_sinks=cfg.num_sinks, window=cfg.window)
+    world = getattr(getattr(vllm_config, "parallel_config", None), "world_size", 1)
+    if world != 1:
+        raise ConfigError(
+            f"kvplug {cfg.method} eviction needs one worker in the engine-core process (world size 1, found {world})"
+        )
+    return ScoredSpec(**fields, method=cfg.method, params=cfg.params)
 
 
 # ---- the worker side: drop evicted blocks from the attention metadata ----------------------------------------------
-def compact(spec: StreamingSpec, cm: Any) -> Any:
-    """``cm`` (vLLM's ``CommonAttentionMetadata``) with every row past its prompt reading only its sink blocks and
-    its window: the block table row is compacted and the sequence length shortened by the dropped blocks. Rows of
+def _dropped(spec: Any, request_id: str, first: int, n_prompt: int) -> tuple[int, ...] | range:
+    """Logical blocks a row whose first query token is at ``first`` must not read."""
+    if first < n_prompt:
+        return ()  # prompt prefill: full attention
+    if isinstance(spec, StreamingSpec):
+        return range(spec.sink_blocks, spec.window_start_block(first))
+    c = choice(request_id)
+    return c.holes if c is not None else ()
+
+
+def compact(spec: StreamingSpec | ScoredSpec, cm: Any) -> Any:
+    """``cm`` (vLLM's ``CommonAttentionMetadata``) with every row past its prompt reading only the blocks the
+    method keeps: the block-table row is compacted and the sequence length shortened by the dropped blocks. Rows of
     prompt prefill are left whole. Returns ``cm`` itself when no row changes (or outside a real batch)."""
     rows = _compat.batch_requests(cm.num_reqs)
     if rows is None:
         return cm
     qsl = cm.query_start_loc_cpu.tolist()
     seq_lens = cm.seq_lens.tolist() if cm.seq_lens.device.type == "cpu" else cm.seq_lens.cpu().tolist()
-    bs, sink = spec.block_size, spec.sink_blocks
+    bs = spec.block_size
     table, lens = None, None
-    for i, (_, state) in enumerate(rows):
+    for i, (rid, state) in enumerate(rows):
         n = seq_lens[i]
         first = n - (qsl[i + 1] - qsl[i])  # position of the row's first query token
-        if first < len(state.prompt_token_ids or ()):
-            continue
-        start = spec.window_start_block(first)
-        if start <= sink:
+        dropped = set(_dropped(spec, rid, first, len(state.prompt_token_ids or ())))
+        if not dropped:
             continue
         if table is None:
             table, lens = cm.block_table_tensor.clone(), cm.seq_lens.clone()
-        nb = -(-n // bs)
-        keep = nb - start
-        table[i, sink : sink + keep] = cm.block_table_tensor[i, start:nb]
-        lens[i] = n - (start - sink) * bs
+        keep = [b for b in range(-(-n // bs)) if b not in dropped]
+        table[i, : len(keep)] = cm.block_table_tensor[i, keep]
+        lens[i] = n - len(dropped) * bs
     if table is None:
         return cm
     return dataclasses.replace(cm, block_table_tensor=table, seq_lens=lens, max_seq_len=int(lens.max().item()))
+
+
+# ---- the worker side: score a prompt's blocks in the step that completes it ----------------------------------------
+def layer_token_scores(method: Any, layer: Any) -> torch.Tensor:
+    """One layer's token scores ``[N]`` for block selection: the method's scores averaged over heads, then
+    normalised to sum 1 (so every layer weighs the same when layers are summed)."""
+    s = method.score(layer)[0].float().mean(0)
+    return s / s.sum().clamp_min(1e-12) if bool((s > 0).any()) else s
+
+
+def blocks_to_drop(method: Any, scores: torch.Tensor, n: int, block_size: int) -> tuple[int, ...]:
+    """The prompt blocks given up for the summed token ``scores`` ``[n]``: enough of the lowest-scored whole blocks
+    (mean token score; ties: the earlier block goes) that the kept blocks hold ``method.budget(n)`` tokens; blocks
+    with a token the method protects (its window, sinks) and the partial last block are always kept."""
+    bs = block_size
+    total, full = -(-n // bs), n // bs
+    keep = min(total, -(-method.budget(n) // bs))
+    prot = method.protected(n, method.budget(n), scores.device)
+    forced = set() if prot is None else {int(t) // bs for t in torch.nonzero(prot).flatten().tolist()}
+    candidates = [b for b in range(full) if b not in forced]
+    block_score = {b: float(scores[b * bs : (b + 1) * bs].mean()) for b in candidates}
+    ranked = sorted(candidates, key=lambda b: (block_score[b], b))
+    return tuple(sorted(ranked[: max(0, total - keep)]))
+
+
+@dataclass
+class _ScoreRow:
+    request_id: str
+    tokens: torch.Tensor  # batch indices of the prompt's last queries in this step
+    blocks: torch.Tensor  # physical ids of the prompt's blocks
+    n: int  # prompt tokens
+    scores: torch.Tensor | None = None
+    failed: bool = False
+
+
+@dataclass
+class ScoreStep:
+    """The rows of one step whose prompt completes in it, scored layer by layer in the attention forward."""
+
+    method: Any
+    rows: list[_ScoreRow]
+    layers: dict[str, int]  # layer name -> index
+    last_layer: str
+    head_dim: int
+    block_size: int
+
+    def add_layer(self, layer_name: str, query: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> None:
+        """Score this layer's prompt tokens for every row (after the layer's KV is in the paged cache)."""
+        from kvplug.integrations.vllm.layouts import CpuVecAdapter
+        from kvplug.methods.base import LayerKV
+
+        idx = self.layers[layer_name]
+        for row in self.rows:
+            if row.failed:
+                continue
+            try:
+                kv = CpuVecAdapter(self.head_dim).gather_blocks(kv_cache, row.blocks)[:, : row.n]  # [2, N, H, D]
+                q = query.index_select(0, row.tokens).permute(1, 0, 2).unsqueeze(0).float() if len(row.tokens) else None
+                layer = LayerKV(
+                    keys=kv[0].permute(1, 0, 2).unsqueeze(0).float(),
+                    values=kv[1].permute(1, 0, 2).unsqueeze(0).float(),
+                    queries=q,
+                    layer_idx=idx,
+                    num_layers=len(self.layers),
+                    scaling=scale,
+                )
+                s = layer_token_scores(self.method, layer)
+                row.scores = s if row.scores is None else row.scores + s
+            except Exception as e:  # never into the engine: this request keeps all its blocks
+                row.failed = True
+                ERRORS.labels("score").inc()
+                log.warning("kvplug eviction: scoring %s failed, it keeps all its blocks: %r", row.request_id, e)
+        if layer_name == self.last_layer:
+            self.finish()
+
+    def finish(self) -> None:
+        for row in self.rows:
+            holes: tuple[int, ...] = ()
+            if not row.failed and row.scores is not None:
+                try:
+                    holes = blocks_to_drop(self.method, row.scores, row.n, self.block_size)
+                except Exception as e:
+                    ERRORS.labels("choose").inc()
+                    log.warning("kvplug eviction: choosing blocks for %s failed: %r", row.request_id, e)
+            _set_choice(row.request_id, Choice(holes))
+            SCORED_REQUESTS.labels(self.method.name).inc()
+
+
+def plan_scoring(spec: ScoredSpec, cm: Any, method: Any, layers: dict[str, int], head_dim: int) -> ScoreStep | None:
+    """The rows of this step that complete their prompt and have no choice yet, or ``None``."""
+    rows = _compat.batch_requests(cm.num_reqs)
+    if rows is None or not layers:
+        return None
+    qsl = cm.query_start_loc_cpu.tolist()
+    seq_lens = cm.seq_lens.tolist() if cm.seq_lens.device.type == "cpu" else cm.seq_lens.cpu().tolist()
+    window = method.query_window or 0
+    out = []
+    for i, (rid, state) in enumerate(rows):
+        n_prompt, n = len(state.prompt_token_ids or ()), seq_lens[i]
+        first = n - (qsl[i + 1] - qsl[i])
+        if not first < n_prompt <= n or choice(rid) is not None:
+            continue
+        end = qsl[i] + n_prompt - first  # batch index after the prompt's last token
+        w = min(window, n_prompt - first)
+        blocks = cm.block_table_tensor[i, : -(-n_prompt // spec.block_size)].cpu().clone()
+        out.append(_ScoreRow(rid, torch.arange(end - w, end), blocks, n_prompt))
+    if not out:
+        return None
+    return ScoreStep(method, out, layers, max(layers, key=layers.__getitem__), head_dim, spec.block_size)

@@ -75,11 +75,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     params = spec.get("params") or [None] * len(spec["prompts"])
     sps = [
         SamplingParams(
-            max_tokens=spec.get("max_tokens", 8), temperature=0, extra_args={"kv_transfer_params": p} if p else None
+            max_tokens=spec.get("max_tokens", 8),
+            temperature=0,
+            ignore_eos=spec.get("ignore_eos", False),
+            extra_args={"kv_transfer_params": p} if p else None,
         )
         for p in params
     ]
-    if spec.get("trace_blocks"):  # one prompt at a time, stepping the engine: vLLM's free-block count per step
+    if spec.get("trace_batch"):  # all prompts at once, stepping the engine: running requests and blocks per step
+        report_trace: list[dict[str, Any]] = []
+        outs = _traced_batch(llm, spec["prompts"], sps, report_trace)
+    elif spec.get("trace_blocks"):  # one prompt at a time, stepping the engine: vLLM's free-block count per step
         outs = [_traced(llm, i, prompt, sp) for i, (prompt, sp) in enumerate(zip(spec["prompts"], sps, strict=True))]
     elif spec.get("batch"):  # all prompts in one generate call: scheduled together (and preempted, if blocks run out)
         t0 = time.perf_counter()
@@ -101,6 +107,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
                 if s.name.endswith(("_total", "_count", "_sum")):
                     metrics[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
     report: dict[str, Any] = {"outputs": outs, "metrics": metrics}
+    if spec.get("trace_batch"):
+        report["trace"] = report_trace
     stats = _scheduler_stats(llm)
     if stats is not None:
         report["scheduler"] = stats
@@ -177,6 +185,34 @@ def _traced(llm: Any, i: int, prompt: list[int], sp: Any) -> dict[str, Any]:
                 out = o
         used.append(total - pool.get_num_free_blocks())
     return {**_out(out, time.perf_counter() - t0), "blocks_used": used}
+
+
+def _traced_batch(llm: Any, prompts: list[list[int]], sps: list[Any], trace: list[dict[str, Any]]) -> list[dict]:
+    """Add every prompt at once and step the in-process engine; ``trace`` gets, after each step, the number of
+    running requests, the blocks the pool has handed out and the step's seconds and new output tokens."""
+    from kvplug.integrations.vllm._compat import kv_block_pool, running_requests
+
+    pool, eng = kv_block_pool(llm), llm.llm_engine
+    total = pool.num_gpu_blocks - 1
+    for i, (prompt, sp) in enumerate(zip(prompts, sps, strict=True)):
+        eng.add_request(f"batch-{i}", {"prompt_token_ids": prompt}, sp)
+    done: dict[str, Any] = {}
+    seen: dict[str, int] = {}
+    t0 = time.perf_counter()
+    while eng.has_unfinished_requests():
+        t = time.perf_counter()
+        new = 0
+        for o in eng.step():
+            n = len(o.outputs[0].token_ids)
+            new += n - seen.get(o.request_id, 0)
+            seen[o.request_id] = n
+            if o.finished:
+                done[o.request_id] = o
+        trace.append(
+            {"running": running_requests(llm), "used": total - pool.get_num_free_blocks(),
+             "seconds": time.perf_counter() - t, "new_tokens": new}
+        )  # fmt: skip
+    return [_out(done[f"batch-{i}"], time.perf_counter() - t0) for i in range(len(prompts))]
 
 
 def _flush(llm: Any) -> None:

@@ -191,6 +191,7 @@ class SparseStep:
 @dataclass
 class SparseCPUAttentionMetadata(CPUAttentionMetadata):
     sparse: SparseStep | None = None
+    evict: evict.ScoreStep | None = None  # kvplug eviction: prompts completing in this step, scored per layer
 
 
 def _vec_views(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,9 +215,22 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         self._tokenizer = vllm_config.model_config.tokenizer
         self._warned: set[str] = set()
         self._last_step: SparseStep | None = None
-        self._streaming = kv_cache_spec if isinstance(kv_cache_spec, evict.StreamingSpec) else None
-        if self._streaming is not None:
-            _compat.track_runner_batches()  # compact() maps rows to requests
+        self._evict = kv_cache_spec if isinstance(kv_cache_spec, evict.StreamingSpec | evict.ScoredSpec) else None
+        self._evict_method: Any = None
+        self._evict_layers: dict[str, int] = {}
+        if self._evict is not None:
+            _compat.track_runner_batches()  # compact() and plan_scoring() map rows to requests
+        if isinstance(self._evict, evict.ScoredSpec):
+            if self.isa not in SUPPORTED_ISAS or self.kv_cache_dtype not in (None, "auto"):
+                raise NotImplementedError(
+                    f"kvplug {self._evict.method} eviction reads keys from CPU_ATTN's ISA {SUPPORTED_ISAS} layout with "
+                    f"kv_cache_dtype auto; found ISA {self.isa!r}, kv_cache_dtype {self.kv_cache_dtype!r}"
+                )
+            self._evict_method = self._evict.config().build()
+            for name in layer_names:
+                idx = _compat.layer_index(name)
+                if idx is not None:
+                    self._evict_layers[name] = idx
         if self.cfg is None or self.is_cross_attention or self.is_encoder_only_attention:
             return
         if self.isa not in SUPPORTED_ISAS or self.kv_cache_dtype not in (None, "auto"):
@@ -247,8 +261,23 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> CPUAttentionMetadata:
-        if self._streaming is not None:  # evicted blocks dropped from the tables (kvplug eviction; never sparse)
-            return super().build(common_prefix_len, evict.compact(self._streaming, common_attn_metadata), fast_build)
+        if self._evict is not None:  # kvplug eviction (never with sparse attention): evicted blocks dropped
+            meta = super().build(common_prefix_len, evict.compact(self._evict, common_attn_metadata), fast_build)
+            if self._evict_method is None:
+                return meta
+            try:
+                scoring = evict.plan_scoring(
+                    self._evict, common_attn_metadata, self._evict_method, self._evict_layers, self.head_dim
+                )
+            except Exception as e:  # never into the engine: these prompts keep all their blocks
+                self._warn("evict-plan", f"kvplug eviction: planning failed, no eviction this step: {e!r}")
+                evict.ERRORS.labels("plan").inc()
+                scoring = None
+            if scoring is None:
+                return meta
+            return SparseCPUAttentionMetadata(
+                **{f.name: getattr(meta, f.name) for f in dataclasses.fields(meta)}, evict=scoring
+            )
         meta = super().build(common_prefix_len, common_attn_metadata, fast_build)
         if not self._layers:
             return meta
@@ -425,8 +454,14 @@ class SparseCPUAttentionImpl(CPUAttentionBackendImpl):
         output_scale: torch.Tensor | None = None,
         output_block_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        step = getattr(attn_metadata, "sparse", None)
+        scoring = getattr(attn_metadata, "evict", None)
         name = getattr(layer, "layer_name", None)
+        if scoring is not None:  # kvplug eviction: the stock attention, then this layer's scores
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale)
+            if name in scoring.layers:
+                scoring.add_layer(name, query, kv_cache, self.scale)
+            return output
+        step = getattr(attn_metadata, "sparse", None)
         if step is None or name not in step.layers or output_scale is not None or output_block_scale is not None:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale)
         idx = step.layers[name]
