@@ -186,3 +186,26 @@ def test_refused_alongside_a_kv_connector_or_sparse_attention() -> None:
     both = {**EVICT, "kvplug_sparse": {"method": "quest", "budget": 256}}
     with pytest.raises(ConfigError, match="sparse attention"):
         _layer_spec(_full_spec(), SimpleNamespace(additional_config=both, kv_transfer_config=None))
+
+
+def test_block_choice_keeps_the_budget_the_protected_window_and_the_partial_block() -> None:
+    import torch
+
+    from kvplug.integrations.vllm.evict import blocks_to_drop, layer_token_scores
+    from kvplug.methods import registry
+    from kvplug.methods.base import LayerKV
+
+    snap = registry.get("snapkv", compression_ratio=0.5)  # window_size 32: the last 32 tokens are protected
+    n, bs = 300, 32  # 9 full blocks + a 12-token partial block
+    scores = torch.arange(n, dtype=torch.float32).flip(0)  # earlier tokens score higher
+    drop = blocks_to_drop(snap, scores, n, bs)
+    assert len(drop) == 10 - 5  # 150 tokens kept -> 5 blocks kept of 10
+    assert 9 not in drop and 8 not in drop  # the partial block and the window's blocks (268..299 -> 8, 9)
+    assert drop == (3, 4, 5, 6, 7)  # then the lowest-scored whole blocks go
+    assert blocks_to_drop(registry.get("snapkv", compression_ratio=0.0), scores, n, bs) == ()
+    # KNorm's scores are negative norms: shifted and normalised, the largest-norm keys still score lowest
+    keys = torch.ones(1, 2, 64, 8)
+    keys[:, :, :32] *= 5.0
+    s = layer_token_scores(registry.get("knorm", compression_ratio=0.5), LayerKV(keys=keys, values=keys))
+    assert float(s.sum()) == pytest.approx(1.0) and float(s[:32].max()) < float(s[32:].min())
+    assert blocks_to_drop(registry.get("knorm", compression_ratio=0.5), s, 64, bs) == (0,)

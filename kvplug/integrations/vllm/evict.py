@@ -1,38 +1,52 @@
-"""KV eviction inside vLLM with the memory really freed: StreamingLLM as a sink-plus-window KV cache spec.
+"""KV eviction inside vLLM with the memory really freed: StreamingLLM (sinks + window) and score-based block
+eviction after the prompt (SnapKV, PyramidKV's scores, TOVA, KNorm: kvplug's own method classes).
 
 Switch it on for an engine with one of (first found wins)::
 
     LLM(..., additional_config={"kvplug_evict": {"method": "streamingllm", "num_sinks": 4, "window": 1020}})
-    --additional-config '{"kvplug_evict": {"method": "streamingllm", "window": 1020}}'
-    kv_connector_extra_config: {"evict": {...}}          # when the kvplug connector is configured
+    LLM(..., additional_config={"kvplug_evict": {"method": "snapkv", "compression_ratio": 0.5}})
+    --additional-config '{"kvplug_evict": {"method": "snapkv", "compression_ratio": 0.5}}'
+    kv_connector_extra_config: {"evict": {...}}          # read, but a KV connector is refused alongside (below)
     KVPLUG_EVICT='{"method": "streamingllm", "window": 1020}'
 
 How it works (vLLM 0.32, CPU_ATTN):
 
-- Every full-attention layer reports a :class:`StreamingSpec` (a ``FullAttentionSpec`` with the sink and window
-  sizes) instead of vLLM's ``FullAttentionSpec``; the spec is registered with vLLM's ``KVCacheSpecRegistry``
-  together with :class:`StreamingManager`, so the scheduler's KV cache manager for the layers is kvplug's.
-- Once a request's prompt is computed, the manager frees every block that is neither a sink block nor inside the
-  window: the real block goes back to vLLM's free pool (other requests can use it at once) and the request's block
-  table gets vLLM's null block in its place, so logical positions are kept. Blocks are freed as the generation
-  grows, so a long generation holds ``sink blocks + window / block_size + 1`` blocks whatever its length.
-- The attention-metadata builder of kvplug's ``CPU_ATTN`` (``sparse_backend``) drops the same blocks from each
-  row's block table and shortens its sequence length (:func:`compact`). Keys carry their rotary positions already,
-  so nothing else changes: the model sees positions as without eviction.
+- Every full-attention layer reports a :class:`StreamingSpec` or :class:`ScoredSpec` (``FullAttentionSpec``
+  subclasses carrying the method) instead of vLLM's ``FullAttentionSpec``; the specs are registered with vLLM's
+  ``KVCacheSpecRegistry`` together with :class:`StreamingManager` / :class:`ScoredManager`, so the scheduler's KV
+  cache manager for the layers is kvplug's.
+- StreamingLLM: once a request's prompt is computed, the manager frees every block that is neither a sink block
+  nor inside the window, and keeps doing so as the generation grows (a long generation holds
+  ``sink blocks + window / block_size + 1`` blocks whatever its length).
+- Score-based: in the step that completes a prompt, kvplug's ``CPU_ATTN`` runs the stock attention, then reads
+  the prompt's keys/values from the paged cache and the last queries of the prompt, and asks the kvplug method for
+  its token scores (:func:`layer_token_scores`: mean over heads, normalised per layer, summed over layers); after
+  the last layer :func:`blocks_to_drop` gives up the lowest-scored whole blocks until the kept blocks hold the
+  method's budget (its protected tokens, e.g. SnapKV's observation window, and the partial last block are always
+  kept). The choice goes to the scheduler's manager (same process: one worker, checked at start), which frees the
+  blocks at its next allocation. Eviction is per block across all layers (one KV cache group), so per-layer or
+  per-head budgets (PyramidKV's pyramid, CAKE) reduce to their scores.
+- A freed block goes back to vLLM's free pool (other requests can use it at once) and the request's block table
+  gets vLLM's null block in its place, so logical positions are kept. The attention-metadata builder drops the
+  same blocks from each row's block table and shortens its sequence length (:func:`compact`). Keys carry their
+  rotary positions already, so nothing else changes.
 
 Semantics (deterministic, independent of batching and of when the scheduler frees): the prompt is prefilled with
-full attention (compress after prefill, as kvpress and kvplug's HF path do); a token at position ``p`` after the
-prompt attends to the sink blocks (``ceil(num_sinks / block_size)`` blocks) and to every block from
-``floor((p + 1 - window) / block_size)`` on, i.e. at least the last ``window`` tokens. With ``window`` at least
-the request's length nothing is freed and the output is bit-for-bit the normal path's.
+full attention (compress after prefill, as kvpress and kvplug's HF path do). StreamingLLM: a token at position
+``p`` after the prompt attends to the sink blocks (``ceil(num_sinks / block_size)``) and to every block from
+``floor((p + 1 - window) / block_size)`` on; with ``window`` at least the request's length nothing is freed and
+the output is bit-for-bit the normal path's. Score-based: every token after the prompt attends to all blocks but
+the chosen ones.
 
 Prefix caching: only prompt blocks (computed with full attention) enter vLLM's prefix cache; blocks computed after
-an eviction never do. A request resumed after preemption recomputes its prompt and output in one prefill: output
-tokens past the prompt then attend to the window counted from their chunk's first token (a little more than they
-saw while decoding), so a resumed request can differ from an uninterrupted one after the resumption point.
+an eviction never do. A request resumed after preemption recomputes its prompt and output in one prefill (its
+score-based choice is forgotten and made again from the recomputed prompt): output tokens past the prompt are then
+recomputed with more context than they had while decoding, so a resumed request can differ from an uninterrupted
+one after the resumption point.
 
-Limits: one method (StreamingLLM); the kvplug connector is refused alongside (it saves requests by block id);
-sliding-window layers keep vLLM's own spec; the sparse-attention backend and eviction are exclusive.
+Limits: one method per engine (no per-request choice yet); a KV connector is refused alongside (the kvplug
+connector saves requests by block id); sliding-window layers keep vLLM's own spec; the sparse-attention backend
+and eviction are exclusive; score-based methods need CPU_ATTN's ``vec`` layout with ``kv_cache_dtype`` auto.
 """
 
 from __future__ import annotations
@@ -357,10 +371,12 @@ def compact(spec: StreamingSpec | ScoredSpec, cm: Any) -> Any:
 
 # ---- the worker side: score a prompt's blocks in the step that completes it ----------------------------------------
 def layer_token_scores(method: Any, layer: Any) -> torch.Tensor:
-    """One layer's token scores ``[N]`` for block selection: the method's scores averaged over heads, then
-    normalised to sum 1 (so every layer weighs the same when layers are summed)."""
+    """One layer's token scores ``[N]`` for block selection: the method's scores averaged over heads, shifted to a
+    minimum of 0 and normalised to sum 1 (so every layer weighs the same when layers are summed, whatever the
+    method's scale or sign: KNorm's scores are negative norms)."""
     s = method.score(layer)[0].float().mean(0)
-    return s / s.sum().clamp_min(1e-12) if bool((s > 0).any()) else s
+    s = s - s.min()
+    return s / s.sum().clamp_min(1e-12)
 
 
 def blocks_to_drop(method: Any, scores: torch.Tensor, n: int, block_size: int) -> tuple[int, ...]:

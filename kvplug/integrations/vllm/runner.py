@@ -73,14 +73,17 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         _flush(llm)
     outs = []
     params = spec.get("params") or [None] * len(spec["prompts"])
+    max_tokens = spec.get("max_tokens", 8)  # one number, or one per prompt
+    if not isinstance(max_tokens, list):
+        max_tokens = [max_tokens] * len(spec["prompts"])
     sps = [
         SamplingParams(
-            max_tokens=spec.get("max_tokens", 8),
+            max_tokens=m,
             temperature=0,
             ignore_eos=spec.get("ignore_eos", False),
             extra_args={"kv_transfer_params": p} if p else None,
         )
-        for p in params
+        for p, m in zip(params, max_tokens, strict=True)
     ]
     if spec.get("trace_batch"):  # all prompts at once, stepping the engine: running requests and blocks per step
         report_trace: list[dict[str, Any]] = []
