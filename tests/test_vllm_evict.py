@@ -209,3 +209,49 @@ def test_block_choice_keeps_the_budget_the_protected_window_and_the_partial_bloc
     s = layer_token_scores(registry.get("knorm", compression_ratio=0.5), LayerKV(keys=keys, values=keys))
     assert float(s.sum()) == pytest.approx(1.0) and float(s[:32].max()) < float(s[32:].min())
     assert blocks_to_drop(registry.get("knorm", compression_ratio=0.5), s, 64, bs) == (0,)
+
+
+@pytest.mark.slow
+def test_snapkv_through_preemption() -> None:
+    """Three 300-token prompts in a 20-block pool: two prefill together (20 blocks), SnapKV frees 10, the third is
+    admitted, and the growing outputs force vLLM to preempt. A preempted request's choice is forgotten and made
+    again from its recomputed prompt; requests never preempted give transformers' masked output token for token."""
+    from pydoc_data.topics import topics
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvplug.eval.masked import greedy, scored_holes
+    from kvplug.methods import registry
+    from kvplug.models import smollm2_dir
+
+    path, n = str(smollm2_dir()), 100
+    ids = AutoTokenizer.from_pretrained(path)("\n\n".join(topics[k] for k in sorted(topics))).input_ids
+    prompts = [ids[i * 1000 : i * 1000 + 300] for i in (1, 2, 3)]
+    report = engine(
+        {
+            "model": path,
+            "prompts": prompts,
+            "batch": True,
+            "max_tokens": n,
+            "max_model_len": 512,
+            "num_blocks": 21,  # + vLLM's null block
+            "connector": False,
+            "log_stats": True,
+            "additional_config": {"kvplug_evict": SNAPKV},
+            "metric_prefixes": ["kvplug_evict"],
+        }
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    method = registry.get("snapkv", compression_ratio=0.5)
+    holes = [scored_holes(model, p, method, BLOCK) for p in prompts]
+    refs = [greedy(model, p, n, BLOCK, lambda q, h=h: h) for p, h in zip(prompts, holes, strict=True)]
+    outs, pre = tokens(report), [o["num_preemptions"] for o in report["outputs"]]
+    assert sum(pre) >= 1, pre
+    assert all(len(o) == n for o in outs)
+    assert metric(report, "kvplug_evict_requests_scored_total", method="snapkv") >= 3
+    for o, r, p in zip(outs, refs, pre, strict=True):
+        if p == 0:
+            assert o == r
+        else:
+            assert o[0] == r[0]  # the first token comes from the full-attention prefill

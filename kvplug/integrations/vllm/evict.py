@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +65,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from kvplug.errors import ConfigError
 from kvplug.integrations.vllm import _compat
+from kvplug.integrations.vllm.options import engine_setting, setting_object
 
 log = logging.getLogger("kvplug.vllm.evict")
 
@@ -138,12 +138,7 @@ class ScoredConfig:
 
 def parse_config(raw: Any, source: str) -> StreamingLLMConfig | ScoredConfig:
     """An eviction setting: an object ``{"method": ..., options}``, its JSON text, or a bare method name."""
-    if isinstance(raw, str):
-        text = raw.strip()
-        raw = json.loads(text) if text.startswith("{") else {"method": text}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected an object like {{'method': 'streamingllm'}}, got {raw!r}")
-    raw = dict(raw)
+    raw = setting_object(raw, source, "{'method': 'streamingllm'}")
     method = str(raw.pop("method", "streamingllm")).lower()
     if method == "streamingllm":
         return StreamingLLMConfig.parse(raw, source)
@@ -153,19 +148,10 @@ def parse_config(raw: Any, source: str) -> StreamingLLMConfig | ScoredConfig:
 
 
 def engine_config(vllm_config: Any) -> StreamingLLMConfig | ScoredConfig | None:
-    """The engine's eviction config from ``additional_config``, the kvplug connector's extra config or the
-    environment (in that order); ``None`` when none is given."""
-    extra = getattr(vllm_config, "additional_config", None)
-    if isinstance(extra, dict) and extra.get(CONFIG_KEY) is not None:
-        return parse_config(extra[CONFIG_KEY], f"additional_config.{CONFIG_KEY}")
-    ktc = getattr(vllm_config, "kv_transfer_config", None)
-    conn = getattr(ktc, "kv_connector_extra_config", None) or {}
-    if ktc is not None and conn.get(CONNECTOR_KEY) is not None:
-        return parse_config(conn[CONNECTOR_KEY], f"kv_connector_extra_config.{CONNECTOR_KEY}")
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env and env.lower() not in ("0", "off", "false", "none"):
-        return parse_config(env, ENV_VAR)
-    return None
+    """The engine's eviction config (``additional_config``, the kvplug connector's extra config or the environment,
+    first found); ``None`` when none is given."""
+    found = engine_setting(vllm_config, CONFIG_KEY, CONNECTOR_KEY, ENV_VAR)
+    return None if found is None else parse_config(*found)
 
 
 # ---- the KV cache spec and its manager (scheduler side) -------------------------------------------------------------

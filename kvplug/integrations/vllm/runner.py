@@ -2,6 +2,7 @@
 benchmark so each run is a new engine in a new process.
 
     python -m kvplug.integrations.vllm.runner '{"model": "...", "prompts": [[1, 2, 3]], "extra": {...}}'
+    python -m kvplug.integrations.vllm.runner - < spec.json
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ def run_in_new_process(
     """Run one engine per ``spec`` in a new Python process; returns its report (raises with its stderr on failure)."""
     full_env = {**os.environ, **ENGINE_ENV, **(env or {})}
     r = subprocess.run(
-        [sys.executable, "-m", "kvplug.integrations.vllm.runner", json.dumps(spec)],
+        [sys.executable, "-m", "kvplug.integrations.vllm.runner", "-"],  # the spec on stdin (argv is too small)
+        input=json.dumps(spec),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -231,5 +233,5 @@ def _connector(llm: Any) -> Any:
 
 
 if __name__ == "__main__":
-    report = run(json.loads(sys.argv[1]))
+    report = run(json.loads(sys.stdin.read() if sys.argv[1] == "-" else sys.argv[1]))
     print(REPORT_PREFIX + json.dumps(report))

@@ -31,9 +31,7 @@ the engine. The private vLLM pieces used (row to request mapping, the kernel ops
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +49,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from kvplug.errors import ConfigError
 from kvplug.integrations.vllm import _compat, evict
+from kvplug.integrations.vllm.options import engine_setting, setting_object
 from kvplug.methods import sparse
 from kvplug.methods.sparse import SparseMethod, SparseState
 
@@ -82,12 +81,7 @@ class SparseConfig:
 
     @classmethod
     def parse(cls, raw: Any, source: str) -> SparseConfig:
-        if isinstance(raw, str):
-            text = raw.strip()
-            raw = json.loads(text) if text.startswith("{") else {"method": text}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: sparse attention config must be an object or a method name")
-        raw = dict(raw)
+        raw = setting_object(raw, source, "{'method': 'quest', 'budget': 1024}")
         method = raw.pop("method", None)
         if not isinstance(method, str):
             raise ConfigError(f"{source}: 'method' is required (one of {sorted(sparse.METHODS)})")
@@ -125,19 +119,10 @@ class SparseConfig:
 
 
 def engine_config(vllm_config: VllmConfig) -> SparseConfig | None:
-    """The engine's sparse config from ``additional_config``, the kvplug connector's extra config or the
-    environment (in that order); ``None`` when none is given."""
-    extra = vllm_config.additional_config
-    if isinstance(extra, dict) and extra.get(CONFIG_KEY) is not None:
-        return SparseConfig.parse(extra[CONFIG_KEY], f"additional_config.{CONFIG_KEY}")
-    ktc = vllm_config.kv_transfer_config
-    conn = getattr(ktc, "kv_connector_extra_config", None) or {}
-    if ktc is not None and conn.get(CONNECTOR_KEY) is not None:
-        return SparseConfig.parse(conn[CONNECTOR_KEY], f"kv_connector_extra_config.{CONNECTOR_KEY}")
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env and env.lower() not in ("0", "off", "false", "none"):
-        return SparseConfig.parse(env, ENV_VAR)
-    return None
+    """The engine's sparse config (``additional_config``, the kvplug connector's extra config or the environment,
+    first found); ``None`` when none is given."""
+    found = engine_setting(vllm_config, CONFIG_KEY, CONNECTOR_KEY, ENV_VAR)
+    return None if found is None else SparseConfig.parse(*found)
 
 
 # ---- per-request state and per-step plan ----------------------------------------------------------------------------
