@@ -74,7 +74,15 @@ def runs() -> dict:
             {**spec, "prompts": [long_prompt, short_prompt, long_prompt + ref], "additional_config": EVICT}
         ),
         "plain": engine({**spec, "prompts": [long_prompt, short_prompt, long_prompt + full_ref]}),
-        "snapkv": engine({**spec, "prompts": [long_prompt], "additional_config": {"kvplug_evict": SNAPKV}}),
+        # per request: the engine's setting, opted out, a higher ratio (both after a prefix-cache hit on the prompt)
+        "snapkv": engine(
+            {
+                **spec,
+                "prompts": [long_prompt] * 3,
+                "params": [None, {"evict": False}, {"evict": {"compression_ratio": 0.75}}],
+                "additional_config": {"kvplug_evict": SNAPKV},
+            }
+        ),
         "holes": holes,
         "snap_ref": snap_ref,
         "ref": ref,
@@ -119,9 +127,16 @@ def test_snapkv_frees_the_blocks_chosen_from_the_same_scores_as_transformers(run
     assert len(holes) == 5  # 300 tokens, 50%: 150 kept -> 5 of 10 blocks
     assert 9 not in holes  # the observation window (the last 32 tokens) is never evicted
     assert used[0] == 10 and max(used[1:]) == 10 - 5 + 2  # freed after the prompt; the output then adds 2 blocks
-    assert metric(runs["snapkv"], "kvplug_evict_blocks_freed_total", method="snapkv") == 5
     assert tokens(runs["snapkv"])[0] == runs["snap_ref"]  # so the engine dropped exactly the blocks HF chose
     assert tokens(runs["snapkv"])[0] != tokens(runs["plain"])[0]
+
+
+@pytest.mark.slow
+def test_a_request_opts_out_or_sets_its_own_ratio(runs) -> None:
+    out, used = tokens(runs["snapkv"]), [o["blocks_used"] for o in runs["snapkv"]["outputs"]]
+    assert out[1] == tokens(runs["plain"])[0] and max(used[1][1:]) == 12  # opted out: the normal path
+    assert used[2][1] == 3  # 75%: 75 tokens kept -> 3 blocks (the observation window's two among them)
+    assert metric(runs["snapkv"], "kvplug_evict_blocks_freed_total", method="snapkv") == 5 + 7
 
 
 # ---- configuration (no engine) --------------------------------------------------------------------------------------

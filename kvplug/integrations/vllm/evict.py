@@ -44,7 +44,10 @@ score-based choice is forgotten and made again from the recomputed prompt): outp
 recomputed with more context than they had while decoding, so a resumed request can differ from an uninterrupted
 one after the resumption point.
 
-Limits: one method per engine (no per-request choice yet); a KV connector is refused alongside (the kvplug
+Per request (scored methods only): ``SamplingParams(extra_args={"kvplug_evict": ...})`` (HTTP: ``"vllm_xargs"``) or
+``kv_transfer_params: {"evict": ...}`` with ``false`` (keep every block), ``true`` (the engine's setting) or an
+object overriding the method or its fields (:func:`request_method`). StreamingLLM is engine-wide (its manager
+frees by position). Limits: a KV connector is refused alongside (the kvplug
 connector saves requests by block id); sliding-window layers keep vLLM's own spec; the sparse-attention backend
 and eviction are exclusive; score-based methods need CPU_ATTN's ``vec`` layout with ``kv_cache_dtype`` auto.
 """
@@ -65,13 +68,15 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from kvplug.errors import ConfigError
 from kvplug.integrations.vllm import _compat
-from kvplug.integrations.vllm.options import engine_setting, setting_object
+from kvplug.integrations.vllm.options import engine_setting, request_option, setting_object
 
 log = logging.getLogger("kvplug.vllm.evict")
 
 CONFIG_KEY = "kvplug_evict"  # additional_config key
 CONNECTOR_KEY = "evict"  # kv_connector_extra_config key
 ENV_VAR = "KVPLUG_EVICT"
+EXTRA_KEY = "kvplug_evict"  # a request's own setting: SamplingParams.extra_args key (HTTP: vllm_xargs)
+REQUEST_KEY = "evict"  # or kv_transfer_params key
 # kvplug methods whose token scores need only the prompt's keys, values and last queries (``query_window`` not None)
 SCORED = ("snapkv", "pyramidkv", "tova", "knorm")
 METHODS = ("streamingllm", *SCORED)
@@ -383,6 +388,7 @@ def blocks_to_drop(method: Any, scores: torch.Tensor, n: int, block_size: int) -
 @dataclass
 class _ScoreRow:
     request_id: str
+    method: Any
     tokens: torch.Tensor  # batch indices of the prompt's last queries in this step
     blocks: torch.Tensor  # physical ids of the prompt's blocks
     n: int  # prompt tokens
@@ -394,7 +400,6 @@ class _ScoreRow:
 class ScoreStep:
     """The rows of one step whose prompt completes in it, scored layer by layer in the attention forward."""
 
-    method: Any
     rows: list[_ScoreRow]
     layers: dict[str, int]  # layer name -> index
     last_layer: str
@@ -421,7 +426,7 @@ class ScoreStep:
                     num_layers=len(self.layers),
                     scaling=scale,
                 )
-                s = layer_token_scores(self.method, layer)
+                s = layer_token_scores(row.method, layer)
                 row.scores = s if row.scores is None else row.scores + s
             except Exception as e:  # never into the engine: this request keeps all its blocks
                 row.failed = True
@@ -435,12 +440,30 @@ class ScoreStep:
             holes: tuple[int, ...] = ()
             if not row.failed and row.scores is not None:
                 try:
-                    holes = blocks_to_drop(self.method, row.scores, row.n, self.block_size)
+                    holes = blocks_to_drop(row.method, row.scores, row.n, self.block_size)
                 except Exception as e:
                     ERRORS.labels("choose").inc()
                     log.warning("kvplug eviction: choosing blocks for %s failed: %r", row.request_id, e)
             _set_choice(row.request_id, Choice(holes))
-            SCORED_REQUESTS.labels(self.method.name).inc()
+            SCORED_REQUESTS.labels(row.method.name).inc()
+
+
+def request_method(spec: ScoredSpec, default: Any, opt: Any) -> Any:
+    """The method for a request whose own setting is ``opt``: ``None``/``True`` the engine's, ``False`` none (the
+    request keeps every block), an object overrides the method and its fields (``{"compression_ratio": 0.25}``,
+    ``{"method": "tova", "compression_ratio": 0.5}``; another method starts from its own defaults)."""
+    if opt is None or opt is True:
+        return default
+    if opt is False:
+        return None
+    if not isinstance(opt, dict):
+        raise ConfigError(f"the request's eviction setting must be true, false or an object, got {opt!r}")
+    opt = dict(opt)
+    name = str(opt.pop("method", spec.method)).lower()
+    if name not in SCORED:
+        raise ConfigError(f"a request can choose among the scored methods {SCORED} on this engine, not {name!r}")
+    params = {**(json.loads(spec.params) if name == spec.method else {}), **opt}
+    return ScoredConfig.parse(params, name, "the request's eviction setting").build()
 
 
 def plan_scoring(spec: ScoredSpec, cm: Any, method: Any, layers: dict[str, int], head_dim: int) -> ScoreStep | None:
@@ -450,17 +473,25 @@ def plan_scoring(spec: ScoredSpec, cm: Any, method: Any, layers: dict[str, int],
         return None
     qsl = cm.query_start_loc_cpu.tolist()
     seq_lens = cm.seq_lens.tolist() if cm.seq_lens.device.type == "cpu" else cm.seq_lens.cpu().tolist()
-    window = method.query_window or 0
     out = []
     for i, (rid, state) in enumerate(rows):
         n_prompt, n = len(state.prompt_token_ids or ()), seq_lens[i]
         first = n - (qsl[i + 1] - qsl[i])
         if not first < n_prompt <= n or choice(rid) is not None:
             continue
+        try:
+            m = request_method(spec, method, request_option(state, EXTRA_KEY, REQUEST_KEY))
+        except Exception as e:  # a bad per-request setting: the request keeps its blocks, and it is said
+            ERRORS.labels("request_options").inc()
+            log.warning("kvplug eviction: request %s keeps all its blocks: %s", rid, e)
+            m = None
+        if m is None:
+            _set_choice(rid, Choice(()))
+            continue
         end = qsl[i] + n_prompt - first  # batch index after the prompt's last token
-        w = min(window, n_prompt - first)
+        w = min(m.query_window or 0, n_prompt - first)
         blocks = cm.block_table_tensor[i, : -(-n_prompt // spec.block_size)].cpu().clone()
-        out.append(_ScoreRow(rid, torch.arange(end - w, end), blocks, n_prompt))
+        out.append(_ScoreRow(rid, m, torch.arange(end - w, end), blocks, n_prompt))
     if not out:
         return None
-    return ScoreStep(method, out, layers, max(layers, key=layers.__getitem__), head_dim, spec.block_size)
+    return ScoreStep(out, layers, max(layers, key=layers.__getitem__), head_dim, spec.block_size)

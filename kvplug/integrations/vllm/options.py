@@ -37,3 +37,16 @@ def setting_object(raw: Any, source: str, example: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected an object like {example} or a method name, got {raw!r}")
     return dict(raw)
+
+
+def request_option(state: Any, extra_key: str, request_key: str) -> Any:
+    """A request's own setting for a feature: ``SamplingParams.extra_args[extra_key]`` (HTTP: ``vllm_xargs``), else
+    ``kv_transfer_params[request_key]``; ``None`` when the request gives none. ``state`` is the worker's
+    ``CachedRequestState``."""
+    from kvplug.integrations.vllm._compat import request_extra_args
+
+    extra = request_extra_args(state)
+    opt = extra.get(extra_key)
+    if opt is None:
+        opt = (extra.get("kv_transfer_params") or {}).get(request_key)
+    return opt

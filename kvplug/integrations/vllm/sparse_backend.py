@@ -49,7 +49,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from kvplug.errors import ConfigError
 from kvplug.integrations.vllm import _compat, evict
-from kvplug.integrations.vllm.options import engine_setting, setting_object
+from kvplug.integrations.vllm.options import engine_setting, request_option, setting_object
 from kvplug.methods import sparse
 from kvplug.methods.sparse import SparseMethod, SparseState
 
@@ -332,10 +332,7 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return req
         assert self.cfg is not None
         try:
-            extra = _compat.request_extra_args(rs)
-            opt = extra.get(EXTRA_KEY)
-            if opt is None:
-                opt = (extra.get("kv_transfer_params") or {}).get(REQUEST_KEY)
+            opt = request_option(rs, EXTRA_KEY, REQUEST_KEY)
             method, dense_up_to = self.cfg.for_request(opt)
             if isinstance(method, sparse.SentenceKV) and not method.punctuation_ids:
                 method = dataclasses.replace(method, punctuation_ids=self._punctuation())
