@@ -333,21 +333,43 @@ def _dropped(spec: Any, request_id: str, first: int, n_prompt: int) -> tuple[int
     return c.holes if c is not None else ()
 
 
-def compact(spec: StreamingSpec | ScoredSpec, cm: Any) -> Any:
-    """``cm`` (vLLM's ``CommonAttentionMetadata``) with every row past its prompt reading only the blocks the
-    method keeps: the block-table row is compacted and the sequence length shortened by the dropped blocks. Rows of
-    prompt prefill are left whole. Returns ``cm`` itself when no row changes (or outside a real batch)."""
+@dataclass
+class _BatchRow:
+    index: int
+    request_id: str
+    state: Any  # the worker's CachedRequestState
+    seq_len: int  # tokens in context after this step
+    first: int  # position of the row's first query token
+    query_start: int  # batch index of that token
+    n_prompt: int
+
+
+def batch_rows(cm: Any) -> list[_BatchRow]:
+    """The rows of the batch whose metadata is being built (``CommonAttentionMetadata``), with their requests;
+    empty outside a real batch (profiling and dummy runs)."""
     rows = _compat.batch_requests(cm.num_reqs)
     if rows is None:
-        return cm
+        return []
     qsl = cm.query_start_loc_cpu.tolist()
     seq_lens = cm.seq_lens.tolist() if cm.seq_lens.device.type == "cpu" else cm.seq_lens.cpu().tolist()
+    return [
+        _BatchRow(
+            i, rid, state, seq_lens[i], seq_lens[i] - (qsl[i + 1] - qsl[i]), qsl[i], len(state.prompt_token_ids or ())
+        )
+        for i, (rid, state) in enumerate(rows)
+    ]
+
+
+def compact(spec: StreamingSpec | ScoredSpec, cm: Any, rows: list[_BatchRow]) -> Any:
+    """``cm`` (vLLM's ``CommonAttentionMetadata``) with every row past its prompt reading only the blocks the
+    method keeps: the block-table row is compacted and the sequence length shortened by the dropped blocks. Rows of
+    prompt prefill are left whole. ``rows``: :func:`batch_rows` of ``cm``. Returns ``cm`` itself when no row
+    changes (or outside a real batch)."""
     bs = spec.block_size
     table, lens = None, None
-    for i, (rid, state) in enumerate(rows):
-        n = seq_lens[i]
-        first = n - (qsl[i + 1] - qsl[i])  # position of the row's first query token
-        dropped = set(_dropped(spec, rid, first, len(state.prompt_token_ids or ())))
+    for row in rows:
+        i, rid, n = row.index, row.request_id, row.seq_len
+        dropped = set(_dropped(spec, rid, row.first, row.n_prompt))
         if not dropped:
             continue
         if table is None:
@@ -466,18 +488,16 @@ def request_method(spec: ScoredSpec, default: Any, opt: Any) -> Any:
     return ScoredConfig.parse(params, name, "the request's eviction setting").build()
 
 
-def plan_scoring(spec: ScoredSpec, cm: Any, method: Any, layers: dict[str, int], head_dim: int) -> ScoreStep | None:
+def plan_scoring(
+    spec: ScoredSpec, cm: Any, rows: list[_BatchRow], method: Any, layers: dict[str, int], head_dim: int
+) -> ScoreStep | None:
     """The rows of this step that complete their prompt and have no choice yet, or ``None``."""
-    rows = _compat.batch_requests(cm.num_reqs)
-    if rows is None or not layers:
+    if not layers:
         return None
-    qsl = cm.query_start_loc_cpu.tolist()
-    seq_lens = cm.seq_lens.tolist() if cm.seq_lens.device.type == "cpu" else cm.seq_lens.cpu().tolist()
     out = []
-    for i, (rid, state) in enumerate(rows):
-        n_prompt, n = len(state.prompt_token_ids or ()), seq_lens[i]
-        first = n - (qsl[i + 1] - qsl[i])
-        if not first < n_prompt <= n or choice(rid) is not None:
+    for row in rows:
+        i, rid, state, first, n_prompt = row.index, row.request_id, row.state, row.first, row.n_prompt
+        if not first < n_prompt <= row.seq_len or choice(rid) is not None:
             continue
         try:
             m = request_method(spec, method, request_option(state, EXTRA_KEY, REQUEST_KEY))
@@ -488,7 +508,7 @@ def plan_scoring(spec: ScoredSpec, cm: Any, method: Any, layers: dict[str, int],
         if m is None:
             _set_choice(rid, Choice(()))
             continue
-        end = qsl[i] + n_prompt - first  # batch index after the prompt's last token
+        end = row.query_start + n_prompt - first  # batch index after the prompt's last token
         w = min(m.query_window or 0, n_prompt - first)
         blocks = cm.block_table_tensor[i, : -(-n_prompt // spec.block_size)].cpu().clone()
         out.append(_ScoreRow(rid, m, torch.arange(end - w, end), blocks, n_prompt))

@@ -247,12 +247,13 @@ class SparseCPUMetadataBuilder(CPUAttentionMetadataBuilder):
         self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
     ) -> CPUAttentionMetadata:
         if self._evict is not None:  # kvplug eviction (never with sparse attention): evicted blocks dropped
-            meta = super().build(common_prefix_len, evict.compact(self._evict, common_attn_metadata), fast_build)
+            rows = evict.batch_rows(common_attn_metadata)  # once per step, for both uses
+            meta = super().build(common_prefix_len, evict.compact(self._evict, common_attn_metadata, rows), fast_build)
             if self._evict_method is None:
                 return meta
             try:
                 scoring = evict.plan_scoring(
-                    self._evict, common_attn_metadata, self._evict_method, self._evict_layers, self.head_dim
+                    self._evict, common_attn_metadata, rows, self._evict_method, self._evict_layers, self.head_dim
                 )
             except Exception as e:  # never into the engine: these prompts keep all their blocks
                 self._warn("evict-plan", f"kvplug eviction: planning failed, no eviction this step: {e!r}")
